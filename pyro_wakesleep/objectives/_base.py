@@ -1,0 +1,149 @@
+"""The base class every objective derives from.
+
+An objective implements one method, :meth:`Objective._loss_and_surrogate`, that runs the
+particles once and returns ``(loss_value, surrogate_loss)``: the value it reports and a
+scalar whose gradient is the estimator. :meth:`~Objective.loss`,
+:meth:`~Objective.differentiable_loss` and :meth:`~Objective.loss_and_grads` are all
+derived from that single path, so they agree under the same random seed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from abc import abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from pyro.infer import ELBO
+from pyro.infer.elbo import ELBOModule
+from pyro.infer.util import torch_item
+from torch import Tensor
+
+from pyro_wakesleep.control_variates import SiteControlVariates
+from pyro_wakesleep.objectives._traces import Particles, guess_max_plate_nesting, run_particles
+
+
+class ObjectiveModule(ELBOModule):
+    """The :class:`torch.nn.Module` returned by ``objective(model, guide)``: calling it
+    returns :meth:`Objective.differentiable_loss`. Besides the model and guide (when they
+    are modules), it holds the objective's control variates as the submodule
+    ``control_variates``, so that ``parameters()`` and ``state_dict()`` cover them too."""
+
+    def __init__(self, model: Callable, guide: Callable, elbo: Objective) -> None:
+        super().__init__(model, guide, elbo)  # type: ignore[arg-type]
+        self.control_variates = elbo.control_variates
+
+
+class Objective(ELBO):
+    """Base class of the objectives in this package (a :class:`pyro.infer.ELBO`).
+
+    :param int num_particles: number of particles (samples) per step.
+    :param int max_plate_nesting: bound on the number of nested :class:`pyro.plate`
+        contexts in the model and guide; guessed from one run if left infinite.
+    :param bool vectorize_particles: draw the particles in one vectorized pass (an
+        outermost plate of size ``num_particles``) rather than a Python loop.
+    :param bool retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: float = math.inf,
+        vectorize_particles: bool = True,
+        retain_graph: bool | None = None,
+    ) -> None:
+        if isinstance(num_particles, bool) or not isinstance(num_particles, numbers.Integral):
+            raise TypeError(f"num_particles must be an int, got {num_particles!r}")
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        if not (max_plate_nesting == math.inf or (
+            isinstance(max_plate_nesting, numbers.Integral) and max_plate_nesting >= 0
+        )):
+            raise ValueError(
+                f"max_plate_nesting must be a non-negative int, got {max_plate_nesting!r}"
+            )
+        super().__init__(
+            num_particles=int(num_particles),
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=False,
+            retain_graph=retain_graph,
+        )
+        self.vectorize_particles = bool(vectorize_particles)
+        #: the objective's control variates (and any other state), one per site
+        self.control_variates: SiteControlVariates = SiteControlVariates()
+
+    # -- the one path --------------------------------------------------------------------
+    @abstractmethod
+    def _loss_and_surrogate(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Runs the particles once. Returns the detached scalar loss value and the
+        surrogate loss whose gradient is the estimator. ``update`` says whether running
+        state (control variates) may change."""
+
+    def _particles(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
+        detach_guide: bool = False,
+    ) -> Particles:
+        """Runs the particles once (see :func:`~pyro_wakesleep.objectives._traces.run_particles`).
+        Vectorized particles need ``max_plate_nesting``: it is guessed from one extra run
+        of model and guide the first time if not given."""
+        vectorize = self.vectorize_particles and self.num_particles > 1
+        if vectorize and self.max_plate_nesting == math.inf:
+            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        return run_particles(
+            model, guide, args, kwargs, num_particles=self.num_particles, vectorize=vectorize,
+            max_plate_nesting=self.max_plate_nesting, detach_guide=detach_guide,
+        )
+
+    def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Any:
+        raise NotImplementedError("objectives in pyro_wakesleep draw traces via _particles")
+
+    # -- derived interface ---------------------------------------------------------------
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """An estimate of the loss (see the class docstring for its meaning), without
+        gradients and without changing any running state.
+
+        :rtype: float
+        """
+        with torch.no_grad():
+            value, _ = self._loss_and_surrogate(model, guide, args, kwargs, update=False)
+        return torch_item(value)
+
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> Tensor:
+        """A scalar tensor whose value is the loss and whose gradient is the estimator's.
+        Updates running state (control variates in training mode).
+
+        :rtype: torch.Tensor
+        """
+        value, surrogate = self._loss_and_surrogate(model, guide, args, kwargs, update=True)
+        return value + (surrogate - surrogate.detach())
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """Computes the loss, and accumulates the estimator's gradients into ``.grad`` of
+        every parameter it touches (as :class:`pyro.infer.SVI` expects).
+
+        :rtype: float
+        """
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        return torch_item(loss)
+
+    def __call__(self, model: Callable, guide: Callable) -> ObjectiveModule:
+        """A :class:`torch.nn.Module` computing :meth:`differentiable_loss` for this
+        model and guide, for use with a plain PyTorch optimizer."""
+        return ObjectiveModule(model, guide, self)
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The objective's running state and learned control-variate weights."""
+        return dict(self.control_variates.state_dict())
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned (before or after the first step)."""
+        self.control_variates.load_state_dict(dict(state_dict))

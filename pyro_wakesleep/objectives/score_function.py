@@ -1,0 +1,185 @@
+"""The score-function (REINFORCE) ELBO with control variates."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor
+
+from pyro_wakesleep.control_variates import (
+    ControlVariate,
+    ControlVariateSpec,
+    SiteContext,
+    TraceGraphBaseline,
+    check_spec,
+    instantiate,
+)
+from pyro_wakesleep.objectives._base import Objective
+from pyro_wakesleep.objectives._traces import (
+    latent_sites,
+    learning_signals,
+    sample_sites,
+)
+
+__all__ = ["ScoreFunctionELBO"]
+
+
+class ScoreFunctionELBO(Objective):
+    """The ELBO with score-function gradients and control variates.
+
+    For a guide site :math:`z_s` that cannot be reparameterized (or every site, with
+    ``force_score_function=True``) the gradient is the REINFORCE estimator with a
+    Rao-Blackwellized learning signal and a control variate; for the other sites it is
+    pathwise, as in :class:`pyro.infer.Trace_ELBO`:
+
+    .. math::
+
+        \\nabla_{\\theta,\\phi} \\mathcal L \\approx \\frac{1}{K}\\sum_{k=1}^K \\Big[
+            \\nabla \\big(\\log p_\\theta(x, z^{(k)}) - \\log q_\\phi(z^{(k)}_{\\rm rep})\\big)
+            + \\sum_{s} \\sum_{i \\in \\text{plates}(s)} \\hat f_{s,i}^{(k)}\\,
+              \\nabla_\\phi \\log q_\\phi(z^{(k)}_{s,i} \\mid \\ldots) \\Big],
+
+    where :math:`f_{s,i}` is the sum of the cost terms :math:`\\log p - \\log q`
+    *downstream* of site :math:`s` (Schulman et al., 2015; as Pyro's
+    ``TraceGraph_ELBO``), summed over the plates :math:`s` is not in and kept per element
+    of the plates it is in, so that a latent in a data plate sees only its own datapoint's
+    terms; and :math:`\\hat f` is :math:`f` after the site's control variate
+    (:mod:`pyro_wakesleep.control_variates`). Williams (1992); Ranganath et al. (2014).
+
+    ``loss`` is :math:`-\\hat{\\mathcal L}`, the negative ELBO estimated by the
+    :math:`K` particles (in nats, scaled by any subsampling), comparable across all
+    objectives in this package that report a negative ELBO.
+
+    Models written for ``TraceGraph_ELBO`` that declare
+    ``infer={"baseline": {...}}`` at a guide site work unchanged: those options build the
+    site's control variate unless one is given for the site explicitly.
+
+    :param int num_particles: particles :math:`K` per step.
+    :param control_variate: a :class:`~pyro_wakesleep.control_variates.ControlVariate`
+        for every score-function site (each site gets its own copy), or a mapping from
+        site name to control variate (``None`` for none), or ``None``.
+    :param bool force_score_function: use the score-function estimator at every guide
+        site, reparameterizable or not (to compare the two estimators).
+    :param int max_plate_nesting: see :class:`~pyro_wakesleep.objectives.Objective`.
+    :param bool vectorize_particles: see :class:`~pyro_wakesleep.objectives.Objective`.
+    :param bool retain_graph: see :class:`~pyro_wakesleep.objectives.Objective`.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        control_variate: ControlVariateSpec = None,
+        *,
+        force_score_function: bool = False,
+        max_plate_nesting: float = math.inf,
+        vectorize_particles: bool = True,
+        retain_graph: bool | None = None,
+    ) -> None:
+        super().__init__(num_particles, max_plate_nesting, vectorize_particles, retain_graph)
+        check_spec(control_variate, self.num_particles)
+        self.force_score_function = bool(force_score_function)
+        self._per_site = dict(control_variate) if isinstance(control_variate, Mapping) else {}
+        self._template = control_variate if isinstance(control_variate, ControlVariate) else None
+        for site, cv in self._per_site.items():
+            if cv is not None:
+                self.control_variates.set(site, cv)
+        self._checked = False
+
+    def _is_score_site(self, node: Mapping[str, Any]) -> bool:
+        return self.force_score_function or not node["fn"].has_rsample
+
+    def _control_variate(self, site: str, node: Mapping[str, Any]) -> ControlVariate | None:
+        cv = self.control_variates.get(site)
+        if cv is not None or site in self._per_site:
+            return cv
+        options = node["infer"].get("baseline")
+        if options:
+            cv = TraceGraphBaseline(options, site)
+        elif self._template is not None:
+            cv = instantiate(self._template)
+        else:
+            return None
+        self.control_variates.set(site, cv)
+        return cv
+
+    def _check_sites(self, nodes: Mapping[str, Mapping[str, Any]]) -> None:
+        for site in self._per_site:
+            if site not in nodes:
+                raise ValueError(
+                    f"control variate given for site '{site}', which the guide does not have "
+                    f"(guide sites: {sorted(nodes)})"
+                )
+            if not self._is_score_site(nodes[site]):
+                raise ValueError(
+                    f"control variate given for site '{site}', whose gradient is pathwise "
+                    "(reparameterized); pass force_score_function=True to use the score "
+                    "function there"
+                )
+        self._checked = True
+
+    def _loss_and_surrogate(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
+    ) -> tuple[Tensor, Tensor]:
+        particles = self._particles(
+            model, guide, args, kwargs, detach_guide=self.force_score_function
+        )
+        elbo: Tensor | float = 0.0
+        surrogate: Tensor | float = 0.0
+        signals: dict[str, list[Tensor]] = defaultdict(list)
+        scores: dict[str, list[Tensor]] = defaultdict(list)
+        nodes: dict[str, Mapping[str, Any]] = {}
+        for model_trace, guide_trace in particles.pairs:
+            for name in sample_sites(model_trace):
+                elbo = elbo + model_trace.nodes[name]["log_prob_sum"]
+                surrogate = surrogate + model_trace.nodes[name]["log_prob_sum"]
+            score_sites = []
+            for name in latent_sites(guide_trace):
+                node = nodes[name] = guide_trace.nodes[name]
+                elbo = elbo - node["log_prob_sum"]
+                if self._is_score_site(node):
+                    score_sites.append(name)
+                    scores[name].append(particles.canonical(node["unscaled_log_prob"], name))
+                else:
+                    surrogate = surrogate - node["log_prob_sum"]
+            for name, signal in learning_signals(
+                model_trace, guide_trace, score_sites, particles
+            ).items():
+                signals[name].append(signal)
+        if not self._checked:
+            self._check_sites(nodes)
+        stacked = {name: _stack(name, signals[name], scores[name]) for name in signals}
+        for name, (signal, _) in stacked.items():
+            if not bool(torch.isfinite(signal).all()):
+                raise ValueError(
+                    f"non-finite learning signal at site '{name}' "
+                    f"({int((~torch.isfinite(signal)).sum())} of {signal.numel()} elements); "
+                    "check the model's log-densities at the guide's draws"
+                )
+        extra: Tensor | float = 0.0
+        for name, (signal, score) in stacked.items():
+            cv = self._control_variate(name, nodes[name])
+            if cv is not None:
+                if not isinstance(cv, TraceGraphBaseline) and any(True for _ in cv.parameters()):
+                    pyro.module(f"control_variates.{name}", cv)
+                context = SiteContext(name, nodes[name], args, kwargs, 0, update)
+                signal, cv_loss = cv(signal, context)
+                extra = extra + cv_loss
+            surrogate = surrogate + (signal.detach() * score).sum()
+        k = self.num_particles
+        return -torch.as_tensor(elbo).detach() / k, -torch.as_tensor(surrogate) / k + extra
+
+
+def _stack(site: str, signals: list[Tensor], scores: list[Tensor]) -> tuple[Tensor, Tensor]:
+    shapes = {tuple(s.shape) for s in scores}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"site '{site}' has different batch shapes {sorted(shapes)} across particles; "
+            "sequential particles must give a site the same shape each time"
+        )
+    signal = torch.cat([f.expand_as(g) for f, g in zip(signals, scores, strict=True)])
+    return signal, torch.cat(scores)
