@@ -256,3 +256,71 @@ def learning_signals(
             parts.append(reduce_to_dims(cache[key], keep))
         signals[site] = functools.reduce(torch.add, parts)
     return signals
+
+
+class LogWeights(NamedTuple):
+    """Log importance weights :math:`\\log w = \\log p(x, z) - \\log q(z \\mid x)` of each
+    particle, per element of the plates that every sample site shares.
+
+    :param torch.Tensor value: canonical layout ``(K, d_{-P}, ..., d_{-1})``, of size 1
+        in every dimension not in ``plate_dims``; unscaled (per datapoint).
+    :param float scale: the common subsample/``poutine.scale`` factor of all sites, by
+        which a sum over the plate elements must be multiplied to estimate the full data.
+    :param frozenset plate_dims: the dims of the plates the weights are formed per
+        element of (empty: one joint weight per particle).
+    """
+
+    value: Tensor
+    scale: float
+    plate_dims: frozenset[int]
+
+
+def log_weights(particles: Particles) -> LogWeights:
+    """Per-datapoint log importance weights of a run of the particles.
+
+    The weights are formed per element of every vectorized plate that *all* sample
+    sites (model and guide, observed included) are in — e.g. the data plate of a model
+    whose latents are all local — and jointly over everything else, so a model with a
+    global latent gets one weight per particle. All sites must share one scale (the
+    plate's subsampling factor), which is divided out and returned. Differentiable with
+    respect to everything the log-densities depend on.
+
+    :raises ValueError: if sites have different or elementwise scales (e.g. global
+        latents with a subsampled data plate: joint weights over a mini-batch estimate
+        nothing).
+    """
+    particle_dim = -(particles.max_plate_nesting + 1)
+    shared: frozenset[int] | None = None
+    scales: dict[str, float] = {}
+    per_pair = []
+    for model_trace, guide_trace in particles.pairs:
+        terms = []
+        for name in sample_sites(model_trace):
+            node = model_trace.nodes[name]
+            value = node["log_prob"]
+            if name in guide_trace.nodes:
+                value = value - guide_trace.nodes[name]["log_prob"]
+            terms.append(particles.canonical(value, name))
+            scale = node["scale"]
+            if isinstance(scale, Tensor) and scale.numel() != 1:
+                raise ValueError(f"site '{name}' has an elementwise scale; importance "
+                                 "weights need one scale per site")
+            scales[name] = float(scale)
+            dims = plate_dims(node) - {particle_dim}
+            shared = dims if shared is None else shared & dims
+        per_pair.append(terms)
+    if len(set(scales.values())) > 1:
+        raise ValueError(
+            "importance weights need every sample site to have the same scale, got "
+            f"{scales}; a subsampled plate with latents outside it cannot be importance "
+            "weighted per mini-batch"
+        )
+    dims = shared or frozenset()
+    keep = dims | {particle_dim}
+    values = [
+        functools.reduce(torch.add, [reduce_to_dims(t, keep) for t in terms])
+        for terms in per_pair
+    ]
+    scale = next(iter(scales.values()), 1.0)
+    value = torch.cat(values) if len(values) > 1 else values[0]
+    return LogWeights(value / scale, scale, dims)
