@@ -108,8 +108,10 @@ def plate_nesting(pairs: Iterable[TracePair]) -> int:
 
 def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
     """Runs model and guide once (blocked from the outside world) and returns the deepest
-    plate nesting found, as :meth:`pyro.infer.ELBO._guess_max_plate_nesting` does."""
-    with poutine.block():
+    plate nesting found, as :meth:`pyro.infer.ELBO._guess_max_plate_nesting` does, but
+    without consuming the random number stream (so a seeded call gives the same draws
+    whether or not it is the first)."""
+    with torch.random.fork_rng(), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs

@@ -165,7 +165,8 @@ class ScoreFunctionELBO(Objective):
             cv = self._control_variate(name, nodes[name])
             if cv is not None:
                 if not isinstance(cv, TraceGraphBaseline) and any(True for _ in cv.parameters()):
-                    pyro.module(f"control_variates.{name}", cv)
+                    # the param store is authoritative, so a restored store reaches the module
+                    pyro.module(f"control_variates.{name}", cv, update_module_params=True)
                 context = SiteContext(name, nodes[name], args, kwargs, 0, update)
                 signal, cv_loss = cv(signal, context)
                 extra = extra + cv_loss

@@ -1,0 +1,69 @@
+"""Small models shared by the tests: every expectation can be computed exactly."""
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.testing.fakes import NonreparameterizedNormal
+
+# Inputs spread widely so that the learning signal depends strongly on the datapoint.
+X = torch.tensor([-2.0, -0.5, 0.3, 1.7, 3.5, 5.0])
+
+
+def bern_model(x, subsample_size=None):
+    w = pyro.param("w", torch.tensor([0.4, 1.2]))
+    with pyro.plate("data", len(x), subsample_size=subsample_size) as idx:
+        z = pyro.sample("z", dist.Bernoulli(logits=w[0]))
+        pyro.sample("x", dist.Normal(3.0 * w[1] * z - 1.0, 1.0), obs=x[idx])
+
+
+def bern_guide(x, subsample_size=None):
+    ab = pyro.param("ab", torch.tensor([0.2, 0.5]))
+    with pyro.plate("data", len(x), subsample_size=subsample_size) as idx:
+        pyro.sample("z", dist.Bernoulli(logits=ab[0] + ab[1] * x[idx]))
+
+
+def two_layer_model(x):
+    w = pyro.param("w", torch.tensor([0.3, -0.4, 0.9]))
+    with pyro.plate("data", len(x)):
+        z2 = pyro.sample("z2", dist.Bernoulli(logits=w[0]))
+        z1 = pyro.sample("z1", dist.Bernoulli(logits=w[1] + 2.0 * z2))
+        pyro.sample("x", dist.Normal(w[2] * (z1 + z2), 1.0), obs=x)
+
+
+def two_layer_guide(x):
+    ab = pyro.param("ab", torch.tensor([0.1, 0.3, -0.2]))
+    with pyro.plate("data", len(x)):
+        z1 = pyro.sample("z1", dist.Bernoulli(logits=ab[0] * x))
+        pyro.sample("z2", dist.Bernoulli(logits=ab[1] + ab[2] * z1))
+
+
+def gauss_model(x):
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def gauss_guide(x):
+    loc = pyro.param("loc", torch.full((len(x),), 0.5))
+    log_scale = pyro.param("log_scale", torch.full((len(x),), -0.3))
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", NonreparameterizedNormal(loc, log_scale.exp()))
+
+
+def gauss_exact_loss_grads(x):
+    """d(-ELBO) for gauss_model/gauss_guide, from the closed form
+    ELBO_i = -(m^2 + s^2)/2 - ((x - m)^2 + s^2)/2 + log s + const."""
+    loc = pyro.param("loc").detach()
+    scale = pyro.param("log_scale").detach().exp()
+    return {"loc": -(x - 2 * loc), "log_scale": -(1 - 2 * scale**2)}
+
+
+def offset_model(x):
+    """bern_model plus a z-independent, strongly input-dependent term per datapoint:
+    the learning signal of z_i carries an offset -2 x_i^2 that a scalar baseline cannot
+    remove but a per-datapoint one can."""
+    w = pyro.param("w", torch.tensor([0.4, 1.2]))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Bernoulli(logits=w[0]))
+        pyro.sample("x", dist.Normal(3.0 * w[1] * z - 1.0, 1.0), obs=x)
+        pyro.sample("y", dist.Normal(0.0, 1.0), obs=2.0 * x)
