@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from pyro_wakesleep import LeaveOneOutBaseline, MovingAverageBaseline, NeuralBaseline
-from pyro_wakesleep.control_variates import SiteContext, SiteControlVariates, check_spec
+from pyro_wakesleep.control_variates import SiteContext
+from pyro_wakesleep.objectives._site_control import SiteControlVariates, check_spec
 
 
 def ctx(update=True, args=(), kwargs=None, infer=None, site="z"):

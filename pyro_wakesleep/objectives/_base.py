@@ -21,7 +21,7 @@ from pyro.infer.elbo import ELBOModule
 from pyro.infer.util import torch_item
 from torch import Tensor
 
-from pyro_wakesleep.control_variates import SiteControlVariates
+from pyro_wakesleep.objectives._site_control import SiteControlVariates
 from pyro_wakesleep.objectives._traces import Particles, guess_max_plate_nesting, run_particles
 
 

@@ -11,15 +11,14 @@ import pyro
 import torch
 from torch import Tensor
 
-from pyro_wakesleep.control_variates import (
-    ControlVariate,
+from pyro_wakesleep.control_variates import ControlVariate, SiteContext
+from pyro_wakesleep.objectives._base import Objective
+from pyro_wakesleep.objectives._site_control import (
     ControlVariateSpec,
-    SiteContext,
     TraceGraphBaseline,
     check_spec,
     instantiate,
 )
-from pyro_wakesleep.objectives._base import Objective
 from pyro_wakesleep.objectives._traces import (
     latent_sites,
     learning_signals,

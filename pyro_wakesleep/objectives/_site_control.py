@@ -1,0 +1,149 @@
+"""How an objective holds its control variates: one per guide site.
+
+Validation of the ``control_variate`` argument, the per-site container whose
+``state_dict`` an objective exposes, and the adapter for sites that declare Pyro's
+``TraceGraph_ELBO`` baseline options. Private to :mod:`pyro_wakesleep.objectives`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from pyro_wakesleep.control_variates import (
+    Advantage,
+    ControlVariate,
+    MovingAverageBaseline,
+    SiteContext,
+    _detach,
+    _fit_baseline_shape,
+    _zero,
+)
+
+
+class TraceGraphBaseline(ControlVariate):
+    """Adapter for sites that declare ``infer={"baseline": {...}}`` as for Pyro's
+    ``TraceGraph_ELBO``: ``use_decaying_avg_baseline``/``baseline_beta`` become a
+    :class:`MovingAverageBaseline` (kept as the submodule ``average``), and
+    ``nn_baseline``/``nn_baseline_input`` or ``baseline_value`` are added to it and
+    regressed on the signal. As with ``TraceGraph_ELBO``, a user ``nn_baseline`` must be
+    registered by the user (``pyro.module``) to be trained by ``SVI``.
+    """
+
+    _KEYS = frozenset(
+        {"use_decaying_avg_baseline", "baseline_beta", "nn_baseline", "nn_baseline_input",
+         "baseline_value"}
+    )
+
+    def __init__(self, options: Mapping[str, Any], site: str) -> None:
+        super().__init__()
+        unknown = set(options) - self._KEYS
+        if unknown:
+            raise ValueError(f"site '{site}' declares unknown baseline options {sorted(unknown)}")
+        self.average = (
+            MovingAverageBaseline(options.get("baseline_beta", 0.9))
+            if options.get("use_decaying_avg_baseline", False)
+            else None
+        )
+
+    def forward(self, signal: Tensor, context: SiteContext) -> Advantage:
+        options = context.guide_site["infer"].get("baseline", {})
+        advantage = self.average(signal, context).value if self.average else signal
+        baseline: Tensor | None = None
+        if options.get("nn_baseline") is not None:
+            x = options.get("nn_baseline_input")
+            baseline = options["nn_baseline"](_detach(x))
+        elif options.get("baseline_value") is not None:
+            baseline = options["baseline_value"]
+        if baseline is None:
+            return Advantage(advantage, _zero(signal))
+        baseline = _fit_baseline_shape(baseline, signal, context)
+        loss = (advantage - baseline).pow(2).sum() / signal.shape[context.particle_dim]
+        return Advantage(advantage - baseline.detach(), loss)
+
+
+ControlVariateSpec = ControlVariate | Mapping[str, ControlVariate | None] | None
+
+
+def check_spec(spec: Any, num_particles: int) -> None:
+    """Validates the ``control_variate`` argument of an objective (raises, never returns
+    a changed copy)."""
+    items = spec.items() if isinstance(spec, Mapping) else [("<all sites>", spec)]
+    for site, cv in items:
+        if not isinstance(site, str):
+            raise TypeError(f"control_variate keys must be site names (str), got {site!r}")
+        if cv is None:
+            continue
+        if not isinstance(cv, ControlVariate):
+            raise TypeError(
+                f"control variate for site '{site}' must be a pyro_wakesleep ControlVariate "
+                f"(MovingAverageBaseline, NeuralBaseline, LeaveOneOutBaseline), got {cv!r}"
+            )
+        if num_particles < cv.min_particles:
+            raise ValueError(
+                f"{type(cv).__name__} for site '{site}' needs num_particles >= "
+                f"{cv.min_particles}, got num_particles={num_particles}"
+            )
+
+
+def _escape(site: str) -> str:
+    return site.replace(".", ":")
+
+
+class SiteControlVariates(nn.Module):
+    """The control variates an objective holds, one per guide site.
+
+    Site ``"a.b"`` is the submodule ``"a:b"`` (``torch`` forbids dots in module names),
+    so a buffer shows in ``state_dict()`` as e.g. ``"a:b.average"``. State loaded for a
+    site whose control variate is created lazily (at its first step) is kept and applied
+    when it is created, so a fresh objective can be restored before its first step.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: dict[str, dict[str, Tensor]] = {}
+
+    def get(self, site: str) -> ControlVariate | None:
+        """The control variate for ``site``, or ``None``."""
+        module = self._modules.get(_escape(site))
+        return module if isinstance(module, ControlVariate) else None
+
+    def set(self, site: str, cv: ControlVariate) -> None:
+        """Installs ``cv`` for ``site``, applying state loaded before it existed."""
+        key = _escape(site)
+        self.add_module(key, cv)
+        if key in self._pending:
+            cv.load_state_dict(self._pending.pop(key))
+
+    def sites(self) -> list[str]:
+        """Names of the sites that have a control variate."""
+        return [key.replace(":", ".") for key in self._modules]
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, state in self._pending.items():
+            for name, value in state.items():
+                destination[f"{prefix}{key}.{name}"] = value
+
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, local_metadata: Any, strict: bool,
+        missing_keys: list, unexpected_keys: list, error_msgs: list,
+    ) -> None:
+        own = {}
+        for full_key, value in state_dict.items():
+            key, _, name = full_key[len(prefix):].partition(".")
+            if full_key.startswith(prefix) and key not in self._modules:
+                self._pending.setdefault(key, {})[name] = value
+            else:
+                own[full_key] = value
+        super()._load_from_state_dict(
+            own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def instantiate(template: ControlVariate) -> ControlVariate:
+    """An independent copy of a control variate given for all sites."""
+    return copy.deepcopy(template)
