@@ -14,8 +14,9 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
@@ -40,9 +41,8 @@ Factory = Callable[[int, SigmoidBeliefNet], tuple[ELBO, Callable]]
 def _decaying_average(guide: Callable) -> Callable:
     """The guide with every latent site declaring TraceGraph_ELBO's decaying-average
     baseline (Pyro's own best option for these models)."""
-    return poutine.infer_config(  # type: ignore[call-arg]
-        guide, config_fn=lambda msg: {"baseline": {"use_decaying_avg_baseline": True}}
-    )
+    options: Any = {"baseline": {"use_decaying_avg_baseline": True}}
+    return poutine.infer_config(guide, config_fn=lambda msg: options)
 
 
 def _nvil(width: int) -> NeuralBaseline:
@@ -89,7 +89,7 @@ class Result:
     train_elbo: list[float] = field(repr=False)
 
 
-def _batches(data: Tensor, batch_size: int, generator: torch.Generator):
+def _batches(data: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
     while True:
         order = torch.randperm(len(data), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
