@@ -6,7 +6,13 @@ from pyro_wakesleep.control_variates import (
     MovingAverageBaseline,
     NeuralBaseline,
 )
-from pyro_wakesleep.objectives import Objective, ObjectiveModule, ScoreFunctionELBO
+from pyro_wakesleep.objectives import (
+    Objective,
+    ObjectiveModule,
+    ReweightedWakeSleepELBO,
+    ScoreFunctionELBO,
+    WakeSleepELBO,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -17,6 +23,8 @@ __all__ = [
     "NeuralBaseline",
     "Objective",
     "ObjectiveModule",
+    "ReweightedWakeSleepELBO",
     "ScoreFunctionELBO",
+    "WakeSleepELBO",
     "__version__",
 ]

@@ -31,7 +31,7 @@ from pyro_wakesleep.control_variates import (
     NeuralBaseline,
 )
 from pyro_wakesleep.models import SigmoidBeliefNet
-from pyro_wakesleep.objectives import ScoreFunctionELBO
+from pyro_wakesleep.objectives import ReweightedWakeSleepELBO, ScoreFunctionELBO, WakeSleepELBO
 
 __all__ = ["OBJECTIVES", "Result", "compare", "format_table"]
 
@@ -65,6 +65,8 @@ OBJECTIVES: dict[str, Factory] = {
     "sf-loo": lambda k, net: (
         ScoreFunctionELBO(k, LeaveOneOutBaseline(), max_plate_nesting=1), net.guide
     ),
+    "ws": lambda k, net: (WakeSleepELBO(k, max_plate_nesting=1), net.guide),
+    "rws": lambda k, net: (ReweightedWakeSleepELBO(max(k, 2), max_plate_nesting=1), net.guide),
 }
 
 
@@ -78,8 +80,9 @@ class Result:
     :param float grad_variance: mean over guide-parameter elements of the variance of the
         objective's guide gradient at the trained parameters.
     :param float ms_per_step: median wall-clock time of one training step.
-    :param list train_elbo: training ELBO per image at each step (the objective's own
-        ``loss``, negated and divided by the batch size).
+    :param list train_elbo: training objective per image at each step (the objective's
+        own ``loss``, negated and divided by the batch size: the ELBO, or for ``rws`` the
+        tighter importance-weighted bound).
     """
 
     objective: str

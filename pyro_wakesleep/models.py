@@ -91,7 +91,8 @@ class SigmoidBeliefNet(nn.Module):
     def guide(self, x: Tensor) -> None:
         """The recognition network :math:`q(h_1, \\ldots, h_L \\mid x)`."""
         pyro.module("recognition", self.recognition)
-        with pyro.plate("data", x.shape[0], dim=-1):
+        # x.shape[-2], not [0]: dreams carry leading particle dimensions
+        with pyro.plate("data", x.shape[-2], dim=-1):
             h = x
             for layer, net in enumerate(self.recognition, start=1):
                 h = pyro.sample(f"h{layer}", dist.Bernoulli(logits=net(h)).to_event(1))

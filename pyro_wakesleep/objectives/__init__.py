@@ -3,5 +3,12 @@
 
 from pyro_wakesleep.objectives._base import Objective, ObjectiveModule
 from pyro_wakesleep.objectives.score_function import ScoreFunctionELBO
+from pyro_wakesleep.objectives.wake_sleep import ReweightedWakeSleepELBO, WakeSleepELBO
 
-__all__ = ["Objective", "ObjectiveModule", "ScoreFunctionELBO"]
+__all__ = [
+    "Objective",
+    "ObjectiveModule",
+    "ReweightedWakeSleepELBO",
+    "ScoreFunctionELBO",
+    "WakeSleepELBO",
+]

@@ -84,6 +84,13 @@ def check_model_guide(model_trace: Trace, guide_trace: Trace) -> None:
             raise ValueError(f"guide site '{name}' does not appear in the model")
         if node["is_observed"]:
             raise ValueError(f"site '{name}' is observed in the model but sampled by the guide")
+        sizes = {f.name: f.size for f in node["cond_indep_stack"]}
+        for frame in guide_trace.nodes[name]["cond_indep_stack"]:
+            if sizes.get(frame.name, frame.size) != frame.size:
+                raise ValueError(
+                    f"plate '{frame.name}' has size {frame.size} in the guide but "
+                    f"{sizes[frame.name]} in the model at site '{name}'"
+                )
     missing = model_latents - set(latent_sites(guide_trace))
     if missing:
         raise ValueError(

@@ -1,0 +1,286 @@
+"""Wake-sleep (Hinton et al., 1995) and reweighted wake-sleep (Bornschein & Bengio, 2015;
+Le et al., 2019) as :class:`pyro.infer.ELBO` objectives.
+
+Both build one scalar surrogate whose gradient is the wake gradient for the model's
+parameters :math:`\\theta` and the chosen :math:`\\phi` gradient for the guide's. The two
+groups are told apart by which program registers them (``param`` sites in the model's
+or the guide's trace; one registered by both is a ``ValueError``). The guide's draws are
+detached, the dreams are drawn without gradients, and each term of the surrogate
+depends on one group only, so a single ``backward`` gives each group its own gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pyro_wakesleep.objectives._base import Objective
+from pyro_wakesleep.objectives._dreams import (
+    DreamArgs,
+    check_param_owners,
+    dream,
+    sleep_log_q,
+)
+from pyro_wakesleep.objectives._traces import (
+    Particles,
+    guess_max_plate_nesting,
+    latent_sites,
+    log_weights,
+    sample_sites,
+)
+from pyro_wakesleep.signals import iwae_bound, self_normalized_weights
+
+__all__ = ["ReweightedWakeSleepELBO", "WakeSleepELBO"]
+
+
+class _WakeSleep(Objective):
+    """Shared machinery: constructor checks, the sleep phase, the phase losses."""
+
+    def __init__(
+        self, num_particles: int, num_sleep_particles: int | None, dream_args: DreamArgs | None,
+        max_plate_nesting: float, vectorize_particles: bool, retain_graph: bool | None,
+    ) -> None:
+        super().__init__(num_particles, max_plate_nesting, vectorize_particles, retain_graph)
+        if num_sleep_particles is None:
+            num_sleep_particles = self.num_particles
+        if isinstance(num_sleep_particles, bool) or not isinstance(
+            num_sleep_particles, numbers.Integral
+        ):
+            raise TypeError(f"num_sleep_particles must be an int, got {num_sleep_particles!r}")
+        if num_sleep_particles < 1:
+            raise ValueError(f"num_sleep_particles must be >= 1, got {num_sleep_particles}")
+        if dream_args is not None and not callable(dream_args):
+            raise TypeError(f"dream_args must be callable or None, got {dream_args!r}")
+        self.num_sleep_particles = int(num_sleep_particles)
+        self.dream_args = dream_args
+        self._phase_losses: dict[str, Tensor] = {}
+
+    @property
+    def last_phase_losses(self) -> dict[str, float]:
+        """The separate phase losses of the last call (``loss``, ``differentiable_loss``
+        or ``loss_and_grads``), as floats: ``"wake_theta"``, ``"wake_phi"`` and
+        ``"sleep_phi"`` for those the objective computed (see the class docstring)."""
+        return {name: float(value) for name, value in self._phase_losses.items()}
+
+    def _wake(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Particles:
+        particles = self._particles(model, guide, args, kwargs, detach_guide=True)
+        check_param_owners(*particles.pairs[0])
+        return particles
+
+    def _sleep(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Tensor:
+        """The sleep-phi loss :math:`-\\frac1S\\sum_s \\log q_\\phi(z'_s \\mid x'_s)` on
+        ``S`` dreams :math:`(z'_s, x'_s) \\sim p_\\theta`."""
+        num = self.num_sleep_particles
+        vectorize = self.vectorize_particles and num > 1
+        if vectorize and self.max_plate_nesting == math.inf:
+            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        nesting = self.max_plate_nesting
+        total: Tensor | float = 0.0
+        for trace in dream(model, args, kwargs, num, vectorize, nesting):
+            total = total + sleep_log_q(
+                guide, trace, args, kwargs, num if vectorize else 1, nesting, self.dream_args
+            )
+        return -torch.as_tensor(total) / num
+
+
+class WakeSleepELBO(_WakeSleep):
+    """The wake-sleep algorithm of the Helmholtz machine (Hinton et al., 1995).
+
+    *Wake phase*: draw :math:`z_k \\sim q_\\phi(z \\mid x)` for the observed :math:`x`
+    (detached: no gradient reaches the guide through the draws) and raise
+    :math:`\\log p_\\theta(x, z_k)`. *Sleep phase*: dream
+    :math:`(z'_s, x'_s) \\sim p_\\theta(z, x)` from the model and raise
+    :math:`\\log q_\\phi(z'_s \\mid x'_s)`, i.e. lower :math:`\\mathrm{KL}(p\\,\\|\\,q)`
+    in expectation over the model. The gradient of :meth:`differentiable_loss` is
+
+    .. math::
+
+        \\nabla_\\theta: \\; -\\frac1K \\sum_{k=1}^K \\nabla_\\theta
+            \\log p_\\theta(x, z_k), \\qquad
+        \\nabla_\\phi: \\; -\\frac1S \\sum_{s=1}^S \\nabla_\\phi
+            \\log q_\\phi(z'_s \\mid x'_s),
+
+    each log-density summed over its sites and scaled by any subsampling (so both are
+    unbiased for the full data set). ``loss`` is :math:`-\\hat{\\mathcal L}`, the
+    negative ELBO estimated by the :math:`K` wake particles,
+    :math:`-\\frac1K\\sum_k [\\log p_\\theta(x, z_k) - \\log q_\\phi(z_k \\mid x)]`,
+    comparable with every objective here that reports a negative ELBO or negative
+    importance-weighted bound. :attr:`last_phase_losses` holds ``"wake_theta"``
+    (:math:`-\\frac1K\\sum_k \\log p_\\theta(x, z_k)`) and ``"sleep_phi"``.
+
+    *Dreams and amortized guides*: the model runs under
+    :func:`pyro.poutine.uncondition` with the caller's arguments (which fix the batch
+    shape). If an argument of the guide (or an element of a tuple, list or dict argument)
+    is the very tensor the model observes at a site, the guide receives the dream in its
+    place; the caller's arguments are never modified. Otherwise pass ``dream_args``. With
+    ``num_sleep_particles > 1`` and vectorized particles the dreams carry a leading
+    particle dimension, over which the guide must broadcast.
+
+    :param int num_particles: wake particles :math:`K`.
+    :param int num_sleep_particles: dreams :math:`S` per step (``None``: :math:`K`).
+    :param callable dream_args: ``dream_args(dreams, args, kwargs) -> (args, kwargs)``,
+        the guide's arguments for a dream, given the dreamed observations ``dreams``
+        (a dict from observed site name to dreamed value) and the caller's arguments
+        (a copy of ``kwargs``; do not modify ``args``' contents). ``None``: replace the
+        observed tensors automatically, or raise ``ValueError`` naming the observed
+        site(s) if the guide receives none of them.
+    :param int max_plate_nesting: see :class:`~pyro_wakesleep.objectives.Objective`.
+    :param bool vectorize_particles: draw particles and dreams in one vectorized pass.
+    :param bool retain_graph: see :class:`~pyro_wakesleep.objectives.Objective`.
+
+    References: Hinton, Dayan, Frey & Neal (1995), *The "wake-sleep" algorithm for
+    unsupervised neural networks*, Science 268.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        num_sleep_particles: int | None = None,
+        *,
+        dream_args: DreamArgs | None = None,
+        max_plate_nesting: float = math.inf,
+        vectorize_particles: bool = True,
+        retain_graph: bool | None = None,
+    ) -> None:
+        super().__init__(num_particles, num_sleep_particles, dream_args, max_plate_nesting,
+                         vectorize_particles, retain_graph)
+
+    def _loss_and_surrogate(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
+    ) -> tuple[Tensor, Tensor]:
+        particles = self._wake(model, guide, args, kwargs)
+        log_p: Tensor | float = 0.0
+        log_q: Tensor | float = 0.0
+        for model_trace, guide_trace in particles.pairs:
+            for name in sample_sites(model_trace):
+                log_p = log_p + model_trace.nodes[name]["log_prob_sum"]
+            for name in latent_sites(guide_trace):
+                log_q = log_q + guide_trace.nodes[name]["log_prob_sum"]
+        k = self.num_particles
+        wake_theta = -torch.as_tensor(log_p) / k
+        sleep_phi = self._sleep(model, guide, args, kwargs)
+        self._phase_losses = {"wake_theta": wake_theta.detach(), "sleep_phi": sleep_phi.detach()}
+        loss = wake_theta.detach() + torch.as_tensor(log_q).detach() / k
+        return loss, wake_theta + sleep_phi
+
+
+class ReweightedWakeSleepELBO(_WakeSleep):
+    """Reweighted wake-sleep (Bornschein & Bengio, 2015; Le et al., 2019).
+
+    With :math:`K \\ge 2` draws :math:`z_{ik} \\sim q_\\phi(z \\mid x_i)` per datapoint
+    and log-weights :math:`\\log w_{ik} = \\log p_\\theta(x_i, z_{ik}) -
+    \\log q_\\phi(z_{ik} \\mid x_i)`, formed per element of the plates that every site is
+    in (e.g. per datapoint for latents local to the data plate; jointly otherwise),
+    self-normalized weights :math:`\\tilde w_{ik} = w_{ik}/\\sum_j w_{ij}` and the
+    subsampling scale :math:`c` (:math:`N/B` for a mini-batch of :math:`B` out of
+    :math:`N`), the gradient of :meth:`differentiable_loss` is
+
+    .. math::
+
+        \\nabla_\\theta: \\; -c\\sum_i \\nabla_\\theta \\log \\frac1K \\sum_k w_{ik}
+            = -c\\sum_i \\sum_k \\tilde w_{ik} \\nabla_\\theta \\log p_\\theta(x_i, z_{ik})
+            \\quad\\text{(wake-}\\theta\\text{)},
+
+        \\nabla_\\phi: \\; -\\alpha\\, c \\sum_i \\sum_k \\tilde w_{ik} \\nabla_\\phi
+            \\log q_\\phi(z_{ik} \\mid x_i)
+            \\;-\\; (1-\\alpha) \\frac1S \\sum_{s=1}^S \\nabla_\\phi
+            \\log q_\\phi(z'_s \\mid x'_s),
+
+    the wake-:math:`\\phi` term being the self-normalized estimate of
+    :math:`\\nabla_\\phi \\mathrm{KL}(p_\\theta(z\\mid x)\\,\\|\\,q_\\phi(z \\mid x))`
+    and the sleep-:math:`\\phi` term that of :class:`WakeSleepELBO` on :math:`S`
+    dreams :math:`(z'_s, x'_s) \\sim p_\\theta`; :math:`\\alpha` is ``insomnia``
+    (Pyro's name; :math:`\\alpha = 1`, pure wake-:math:`\\phi`, works best in Le et al.).
+    Unlike :class:`pyro.infer.ReweightedWakeSleep`, weights are formed per datapoint,
+    so the estimator is right for mini-batches and batches of many datapoints.
+
+    ``loss`` is :math:`-c\\sum_i \\log\\frac1K\\sum_k w_{ik}`, the negative
+    importance-weighted (IWAE) bound estimated by the particles, in nats and scaled to
+    the full data like the negative ELBO that :class:`WakeSleepELBO` and the other
+    objectives report (it would equal it at :math:`K = 1`, and is tighter for larger K).
+    :attr:`last_phase_losses` holds ``"wake_theta"`` (the same value), ``"wake_phi"``
+    (:math:`-c\\sum_i\\sum_k \\tilde w_{ik} \\log q_\\phi(z_{ik}\\mid x_i)`) and, when
+    :math:`\\alpha < 1`, ``"sleep_phi"``.
+
+    :param int num_particles: particles :math:`K \\ge 2` per datapoint.
+    :param float insomnia: the weight :math:`\\alpha \\in [0, 1]` of wake-:math:`\\phi`
+        against sleep-:math:`\\phi` (1: wake-:math:`\\phi` only, no dreams).
+    :param int num_sleep_particles: dreams :math:`S` per step (``None``: :math:`K`).
+    :param callable dream_args: how to feed dreams to the guide; see
+        :class:`WakeSleepELBO`.
+    :param int max_plate_nesting: see :class:`~pyro_wakesleep.objectives.Objective`.
+    :param bool vectorize_particles: draw particles and dreams in one vectorized pass.
+    :param bool retain_graph: see :class:`~pyro_wakesleep.objectives.Objective`.
+
+    References: Bornschein & Bengio (2015), *Reweighted wake-sleep*, ICLR; Le, Kosiorek,
+    Siddharth, Teh & Wood (2019), *Revisiting reweighted wake-sleep for models with
+    stochastic control flow*, UAI.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 2,
+        insomnia: float = 1.0,
+        num_sleep_particles: int | None = None,
+        *,
+        dream_args: DreamArgs | None = None,
+        max_plate_nesting: float = math.inf,
+        vectorize_particles: bool = True,
+        retain_graph: bool | None = None,
+    ) -> None:
+        super().__init__(num_particles, num_sleep_particles, dream_args, max_plate_nesting,
+                         vectorize_particles, retain_graph)
+        if self.num_particles < 2:
+            raise ValueError(
+                f"reweighted wake-sleep needs num_particles >= 2 to self-normalize "
+                f"importance weights, got {self.num_particles}"
+            )
+        if isinstance(insomnia, bool) or not isinstance(insomnia, numbers.Real):
+            raise TypeError(f"insomnia must be a float in [0, 1], got {insomnia!r}")
+        if not 0.0 <= float(insomnia) <= 1.0:
+            raise ValueError(
+                f"insomnia (the wake-phi weight of the mixture with sleep-phi) must be in "
+                f"[0, 1], got {insomnia!r}"
+            )
+        self.insomnia: float = float(insomnia)
+
+    def _loss_and_surrogate(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
+    ) -> tuple[Tensor, Tensor]:
+        particles = self._wake(model, guide, args, kwargs)
+        with torch.no_grad():  # the weights enter the surrogate only as constants
+            weights = log_weights(particles)
+        log_w = weights.value
+        normalized = self_normalized_weights(log_w, dim=0)
+        bound = iwae_bound(log_w, dim=0).sum() * weights.scale
+        wake_theta: Tensor | float = 0.0
+        wake_phi: Tensor | float = 0.0
+        for k, (model_trace, guide_trace) in enumerate(particles.pairs):
+            w = normalized if particles.vectorized else normalized[k:k + 1]
+            # sum_i sum_k w_ik * (scaled) log-density of each site, by broadcasting
+            wake_theta = wake_theta - _weighted(w, model_trace, sample_sites(model_trace),
+                                                particles)
+            wake_phi = wake_phi - _weighted(w, guide_trace, latent_sites(guide_trace),
+                                            particles)
+        theta, phi = torch.as_tensor(wake_theta), torch.as_tensor(wake_phi)
+        self._phase_losses = {"wake_theta": -bound, "wake_phi": phi.detach()}
+        surrogate = theta
+        if self.insomnia > 0:
+            surrogate = surrogate + self.insomnia * phi
+        if self.insomnia < 1:
+            sleep_phi = self._sleep(model, guide, args, kwargs)
+            self._phase_losses["sleep_phi"] = sleep_phi.detach()
+            surrogate = surrogate + (1.0 - self.insomnia) * sleep_phi
+        return -bound, surrogate
+
+
+def _weighted(weights: Tensor, trace: Any, sites: list[str], particles: Particles) -> Tensor:
+    total: Tensor | float = 0.0
+    for name in sites:
+        total = total + (weights * particles.canonical(trace.nodes[name]["log_prob"], name)).sum()
+    return torch.as_tensor(total)
