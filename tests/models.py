@@ -43,11 +43,12 @@ def gauss_model(x):
         pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
 
-def gauss_guide(x):
+def gauss_guide(x, normal=NonreparameterizedNormal):
+    """q(z_i) = normal(loc_i, exp(log_scale_i)); by default not reparameterizable."""
     loc = pyro.param("loc", torch.full((len(x),), 0.5))
     log_scale = pyro.param("log_scale", torch.full((len(x),), -0.3))
     with pyro.plate("data", len(x)):
-        pyro.sample("z", NonreparameterizedNormal(loc, log_scale.exp()))
+        pyro.sample("z", normal(loc, log_scale.exp()))
 
 
 def gauss_exact_loss_grads(x):

@@ -183,17 +183,10 @@ def test_force_score_function_matches_pathwise_in_expectation():
     forced = ScoreFunctionELBO(num_particles=20, control_variate=LeaveOneOutBaseline(),
                                force_score_function=True)
 
-    def model(x):
-        with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
     def guide(x):
-        loc = pyro.param("loc", torch.full((len(x),), 0.5))
-        log_scale = pyro.param("log_scale", torch.full((len(x),), -0.3))
-        with pyro.plate("data", len(x)):
-            pyro.sample("z", dist.Normal(loc, log_scale.exp()))
+        gauss_guide(x, normal=dist.Normal)
 
+    model = gauss_model
     exact = None
     for elbo in (pathwise, forced):
         pyro.clear_param_store()
