@@ -6,18 +6,24 @@ from pyro_wakesleep.control_variates import (
     MovingAverageBaseline,
     NeuralBaseline,
 )
+from pyro_wakesleep.diagnostics import History
 from pyro_wakesleep.objectives import (
+    DisarmELBO,
     Objective,
     ObjectiveModule,
     ReweightedWakeSleepELBO,
     ScoreFunctionELBO,
+    VimcoELBO,
     WakeSleepELBO,
 )
+from pyro_wakesleep.training import StepInfo, fit
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ControlVariate",
+    "DisarmELBO",
+    "History",
     "LeaveOneOutBaseline",
     "MovingAverageBaseline",
     "NeuralBaseline",
@@ -25,6 +31,9 @@ __all__ = [
     "ObjectiveModule",
     "ReweightedWakeSleepELBO",
     "ScoreFunctionELBO",
+    "StepInfo",
+    "VimcoELBO",
     "WakeSleepELBO",
     "__version__",
+    "fit",
 ]

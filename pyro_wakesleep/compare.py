@@ -14,7 +14,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,15 +23,23 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, SVI, TraceGraph_ELBO
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 
 from pyro_wakesleep.control_variates import (
     LeaveOneOutBaseline,
     MovingAverageBaseline,
     NeuralBaseline,
 )
+from pyro_wakesleep.diagnostics import gradient_stats
 from pyro_wakesleep.models import SigmoidBeliefNet
-from pyro_wakesleep.objectives import ReweightedWakeSleepELBO, ScoreFunctionELBO, WakeSleepELBO
+from pyro_wakesleep.objectives import (
+    DisarmELBO,
+    ReweightedWakeSleepELBO,
+    ScoreFunctionELBO,
+    VimcoELBO,
+    WakeSleepELBO,
+)
+from pyro_wakesleep.training import StepInfo, fit
 
 __all__ = ["OBJECTIVES", "Result", "compare", "format_table"]
 
@@ -67,6 +75,11 @@ OBJECTIVES: dict[str, Factory] = {
     ),
     "ws": lambda k, net: (WakeSleepELBO(k, max_plate_nesting=1), net.guide),
     "rws": lambda k, net: (ReweightedWakeSleepELBO(max(k, 2), max_plate_nesting=1), net.guide),
+    "vimco": lambda k, net: (VimcoELBO(max(k, 2), max_plate_nesting=1), net.guide),
+    # as many model evaluations per step as k particles: a DisARM draw costs 1 + L runs
+    "disarm": lambda k, net: (
+        DisarmELBO(max(1, k // (1 + net.num_layers)), max_plate_nesting=1), net.guide
+    ),
 }
 
 
@@ -78,55 +91,41 @@ class Result:
     :param float test_elbo: held-out ELBO per image (nats), estimated with the
         score-function ELBO's many-particle average at the trained parameters.
     :param float grad_variance: mean over guide-parameter elements of the variance of the
-        objective's guide gradient at the trained parameters.
+        objective's guide gradient at the trained parameters
+        (:func:`~pyro_wakesleep.diagnostics.gradient_stats`, running baselines frozen).
+    :param float grad_snr: signal-to-noise ratio of the guide gradient,
+        :math:`\\|\\bar g\\| / \\sqrt{\\sum \\mathrm{Var}(g)}`.
     :param float ms_per_step: median wall-clock time of one training step.
     :param list train_elbo: training objective per image at each step (the objective's
-        own ``loss``, negated and divided by the batch size: the ELBO, or for ``rws`` the
-        tighter importance-weighted bound).
+        own ``loss``, negated and divided by the batch size: the ELBO, or for ``rws`` and
+        ``vimco`` the tighter importance-weighted bound).
     """
 
     objective: str
     test_elbo: float
     grad_variance: float
+    grad_snr: float
     ms_per_step: float
     train_elbo: list[float] = field(repr=False)
 
 
-def _batches(data: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    while True:
-        order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield data[order[start:start + batch_size]]
+class _StepTimer:
+    """A :func:`~pyro_wakesleep.training.fit` callback recording the time per step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last = time.perf_counter()
+
+    def __call__(self, info: StepInfo) -> None:
+        now = time.perf_counter()
+        self.times.append(now - self._last)
+        self._last = now
 
 
 def heldout_elbo(net: SigmoidBeliefNet, data: Tensor, num_particles: int = 20) -> float:
     """Held-out ELBO per image (nats), averaged over ``num_particles`` draws each."""
     elbo = ScoreFunctionELBO(num_particles, max_plate_nesting=1)
     return -elbo.loss(net.model, net.guide, data) / len(data)
-
-
-def guide_gradient_variance(
-    loss: ELBO, net: SigmoidBeliefNet, guide: Callable, x: Tensor, num_draws: int
-) -> float:
-    """Mean elementwise variance of the guide gradient over ``num_draws`` draws, with
-    control variates frozen (eval mode) and all gradients cleared afterwards."""
-    params = list(net.recognition.parameters())
-    cvs = getattr(loss, "control_variates", None)
-    modes = [m.training for m in cvs.modules()] if cvs is not None else []
-    if cvs is not None:
-        cvs.eval()
-    draws = []
-    for _ in range(num_draws):
-        for p in params:
-            p.grad = None
-        loss.loss_and_grads(net.model, guide, x)  # type: ignore[attr-defined]
-        draws.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
-    for value in pyro.get_param_store().values():
-        value.unconstrained().grad = None  # type: ignore[attr-defined]
-    if cvs is not None:
-        for module, mode in zip(cvs.modules(), modes, strict=True):
-            module.training = mode
-    return torch.stack(draws).var(0).mean().item()
 
 
 def compare(
@@ -172,7 +171,6 @@ def compare(
     torch.manual_seed(seed)
     initial = SigmoidBeliefNet((train.shape[1], *latent))
     results = []
-    bar = tqdm(total=steps * len(objectives), disable=not progress, unit="step", mininterval=1.0)
     for name in objectives:
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
@@ -180,40 +178,38 @@ def compare(
         loss, guide = OBJECTIVES[name](num_particles, net)
         optim = pyro.optim.Adam({"lr": learning_rate})  # type: ignore[attr-defined]
         svi = SVI(net.model, guide, optim, loss)
-        batches = _batches(train, batch_size, torch.Generator().manual_seed(seed))
-        curve, times = [], []
-        bar.set_description(name)
-        for _ in range(steps):
-            x = next(batches)
-            start = time.perf_counter()
-            value = svi.step(x)
-            times.append(time.perf_counter() - start)
-            curve.append(-value / batch_size)
-            bar.set_postfix(elbo=f"{statistics.fmean(curve[-50:]):.2f}", refresh=False)
-            bar.update()
+        batches: DataLoader[Tensor] = DataLoader(
+            train, batch_size, shuffle=True, drop_last=True,  # type: ignore[arg-type]
+            generator=torch.Generator().manual_seed(seed),
+        )
+        timer = _StepTimer()
+        history = fit(svi, batches, steps, callbacks=[timer], progress=progress,
+                      description=name)
+        stats = gradient_stats(net.model, guide, loss, train[:batch_size],
+                               num_draws=grad_draws, only=["guide"], seed=seed)
+        (summary,) = stats.rows(by="group")
         results.append(Result(
             objective=name,
             test_elbo=heldout_elbo(net, test),
-            grad_variance=guide_gradient_variance(
-                loss, net, guide, train[:batch_size], grad_draws
-            ),
-            ms_per_step=1e3 * statistics.median(times),
-            train_elbo=curve,
+            grad_variance=summary["variance"] / summary["numel"],
+            grad_snr=summary["snr"],
+            ms_per_step=1e3 * statistics.median(timer.times),
+            train_elbo=[-v / batch_size for v in history.losses],
         ))
-    bar.close()
     return results
 
 
 def format_table(results: Sequence[Result]) -> str:
     """The results as a Markdown table."""
     lines = [
-        "| objective | held-out ELBO (nats/image) | guide-gradient variance | ms/step |",
-        "|---|---:|---:|---:|",
+        "| objective | held-out ELBO (nats/image) | guide-gradient variance | guide SNR | "
+        "ms/step |",
+        "|---|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.objective} | {r.test_elbo:.2f} | {r.grad_variance:.3g} | "
-            f"{r.ms_per_step:.2f} |"
+            f"{r.grad_snr:.3g} | {r.ms_per_step:.2f} |"
         )
     return "\n".join(lines)
 

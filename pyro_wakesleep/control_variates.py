@@ -84,8 +84,13 @@ class ControlVariate(nn.Module):
     min_particles: int = 1
 
     def forward(self, signal: Tensor, context: SiteContext) -> Advantage:  # pragma: no cover
-        """:param signal: the detached learning signal, particles along
-        ``context.particle_dim``. :return: the :class:`Advantage`."""
+        """Turns one site's learning signal into its advantage.
+
+        :param torch.Tensor signal: the detached learning signal, particles along
+            ``context.particle_dim``.
+        :param SiteContext context: what the control variate may read about the site.
+        :return: the :class:`Advantage`.
+        """
         raise NotImplementedError
 
 
@@ -258,16 +263,19 @@ def _detach(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
 
 
+def _broadcasts(value: Tensor, target: Tensor) -> bool:
+    try:
+        return torch.broadcast_shapes(value.shape, target.shape) == target.shape
+    except RuntimeError:
+        return False
+
+
 def _fit_baseline_shape(baseline: Tensor, signal: Tensor, context: SiteContext) -> Tensor:
     if not isinstance(baseline, Tensor):
         raise TypeError(f"baseline at site '{context.site}' must be a Tensor, got {baseline!r}")
-    if baseline.dim() == signal.dim() and baseline.dim() > 1 and baseline.shape[-1] == 1:
-        baseline = baseline.squeeze(-1)
-    try:
-        shape = torch.broadcast_shapes(baseline.shape, signal.shape)
-    except RuntimeError:
-        shape = None
-    if shape != signal.shape:
+    if baseline.dim() > 1 and baseline.shape[-1] == 1 and _broadcasts(baseline.squeeze(-1), signal):
+        baseline = baseline.squeeze(-1)  # a (batch, 1) network output: drop the feature dim
+    if not _broadcasts(baseline, signal):
         raise ValueError(
             f"baseline at site '{context.site}' has shape {tuple(baseline.shape)}, which does "
             f"not broadcast to the site's learning signal of shape {tuple(signal.shape)}"

@@ -25,6 +25,7 @@ __all__ = [
     "reduce_to_dims",
     "self_normalized_weights",
     "vimco_baselines",
+    "vimco_surrogate",
 ]
 
 
@@ -135,3 +136,30 @@ def vimco_baselines(log_weights: Tensor, dim: int = 0) -> Tensor:
     eye = torch.eye(k, dtype=torch.bool, device=log_weights.device)
     replaced = torch.where(eye, geometric.unsqueeze(-1), log_weights.unsqueeze(-2))
     return iwae_bound(replaced, dim=-1).movedim(-1, dim)
+
+
+def vimco_surrogate(log_weights: Tensor, log_q: Tensor, dim: int = 0) -> Tensor:
+    """The VIMCO surrogate of the importance-weighted bound, per batch element.
+
+    Its value is the bound :math:`\\hat L = \\log \\frac1K \\sum_k w_k` and its gradient is
+    VIMCO's (Mnih & Rezende, 2016, eqs. 5 and 10):
+
+    .. math::
+
+        \\nabla \\hat L \\approx \\sum_k \\big(\\hat L - \\hat L_{-k}\\big)\\,
+            \\nabla \\log q(z_k) + \\sum_k \\tilde w_k\\, \\nabla \\log w_k,
+
+    with :math:`\\hat L_{-k}` from :func:`vimco_baselines`
+    (detached) and :math:`\\tilde w_k = w_k / \\sum_j w_j`.
+
+    :param torch.Tensor log_weights: :math:`\\log w_k`, particles along ``dim``;
+        differentiable (the second sum is its gradient).
+    :param torch.Tensor log_q: :math:`\\log q(z_k)` of the sites whose gradient is the
+        score function, broadcastable to ``log_weights``; only its gradient is used.
+    :param int dim: the particle dimension.
+    :return: :math:`\\hat L`, with ``dim`` removed.
+    """
+    bound = iwae_bound(log_weights, dim)
+    signal = bound.detach().unsqueeze(dim) - vimco_baselines(log_weights.detach(), dim)
+    score = (signal * (log_q - log_q.detach())).sum(dim)
+    return bound + score

@@ -105,6 +105,9 @@ def test_neural_baseline_input_resolution_and_errors():
         cv(torch.zeros(1, 3), ctx(args=(x,)))
     with pytest.raises(TypeError, match="torch.nn.Module"):
         NeuralBaseline(lambda x: x)
+    # a (batch, 1) output also serves a signal with more leading (particle, plate) dims
+    deep = cv(torch.zeros(3, 1, 2), ctx(args=(x,)))
+    assert torch.allclose(deep.value, -x.squeeze(-1).expand(3, 1, 2))
 
 
 def test_check_spec_errors():

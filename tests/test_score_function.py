@@ -415,3 +415,19 @@ def test_cuda():
         elbo.loss_and_grads(model, guide, x)
         assert pyro.param("ab").grad.is_cuda and torch.isfinite(pyro.param("ab").grad).all()
         assert all(b.is_cuda for b in elbo.control_variates.buffers())
+
+
+def test_autoguide_with_auxiliary_sites_equals_trace_elbo():
+    from pyro.infer.autoguide import AutoNormal
+
+    def model(x):
+        loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    guide = AutoNormal(model)
+    guide(X)  # its lazy set-up draws random numbers
+    kw = dict(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+    ours = grads_of(ScoreFunctionELBO(**kw), model, guide, X)
+    theirs = grads_of(Trace_ELBO(**kw), model, guide, X)
+    assert_same(ours, theirs)

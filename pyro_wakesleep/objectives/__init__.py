@@ -2,13 +2,17 @@
 :class:`pyro.infer.SVI` or, through ``objective(model, guide)``, with plain PyTorch."""
 
 from pyro_wakesleep.objectives._base import Objective, ObjectiveModule
+from pyro_wakesleep.objectives.disarm import DisarmELBO
 from pyro_wakesleep.objectives.score_function import ScoreFunctionELBO
+from pyro_wakesleep.objectives.vimco import VimcoELBO
 from pyro_wakesleep.objectives.wake_sleep import ReweightedWakeSleepELBO, WakeSleepELBO
 
 __all__ = [
+    "DisarmELBO",
     "Objective",
     "ObjectiveModule",
     "ReweightedWakeSleepELBO",
     "ScoreFunctionELBO",
+    "VimcoELBO",
     "WakeSleepELBO",
 ]

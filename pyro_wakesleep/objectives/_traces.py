@@ -65,6 +65,13 @@ def is_sample(site: Mapping[str, Any]) -> bool:
     return site["type"] == "sample" and not site_is_subsample(site)  # type: ignore[arg-type]
 
 
+def is_auxiliary(site: Mapping[str, Any]) -> bool:
+    """Whether a guide site is auxiliary (``infer={"is_auxiliary": True}``, as autoguides
+    such as :class:`~pyro.infer.autoguide.AutoNormal` declare): part of the guide's
+    density, absent from the model."""
+    return bool(site["infer"].get("is_auxiliary", False))
+
+
 def sample_sites(trace: Trace) -> list[str]:
     """Names of the sample sites of a trace (observed too), in execution order."""
     return [name for name, site in trace.nodes.items() if is_sample(site)]
@@ -79,6 +86,8 @@ def check_model_guide(model_trace: Trace, guide_trace: Trace) -> None:
     """Raises ``ValueError`` naming the site where the model and guide disagree."""
     model_latents = set(latent_sites(model_trace))
     for name in latent_sites(guide_trace):
+        if is_auxiliary(guide_trace.nodes[name]):
+            continue
         node = model_trace.nodes.get(name)
         if node is None or node["type"] != "sample":
             raise ValueError(f"guide site '{name}' does not appear in the model")
@@ -218,7 +227,8 @@ def _downstream(
     model_stacks = dict(model)
     extra = tuple(
         m for m, stack in model if m not in down and any(
-            position[m] > position[u] and not _independent(model_stacks[u], stack) for u in down
+            u in position and position[m] > position[u]
+            and not _independent(model_stacks[u], stack) for u in down
         )
     )
     return tuple(down), extra
@@ -247,9 +257,12 @@ def learning_signals(
     elementwise over the plates it is in, in the canonical layout.
     """
     def term(name: str, with_guide: bool) -> Tensor:
-        value = model_trace.nodes[name]["log_prob"]
-        if with_guide:
-            value = value - guide_trace.nodes[name]["log_prob"]
+        if name in model_trace.nodes:
+            value = model_trace.nodes[name]["log_prob"]
+            if with_guide:
+                value = value - guide_trace.nodes[name]["log_prob"]
+        else:  # an auxiliary guide site
+            value = -guide_trace.nodes[name]["log_prob"]
         return particles.canonical(value.detach(), name)
 
     cache: dict[tuple[str, bool], Tensor] = {}
@@ -317,6 +330,12 @@ def log_weights(particles: Particles) -> LogWeights:
             scales[name] = float(scale)
             dims = plate_dims(node) - {particle_dim}
             shared = dims if shared is None else shared & dims
+        for name in latent_sites(guide_trace):  # auxiliary guide sites: -log q only
+            node = guide_trace.nodes[name]
+            if name not in model_trace.nodes:
+                terms.append(particles.canonical(-node["log_prob"], name))
+                dims = plate_dims(node) - {particle_dim}
+                shared = dims if shared is None else shared & dims
         per_pair.append(terms)
     if len(set(scales.values())) > 1:
         raise ValueError(

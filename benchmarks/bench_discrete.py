@@ -1,0 +1,276 @@
+"""Benchmark: multi-sample and antithetic estimators for discrete latents.
+
+Sigmoid belief nets on binarized MNIST as in the RELAX paper's Table 1 (linear, one layer
+784-200 and two layers 784-200-200, batch 24), trained with, in one run:
+
+* ``VimcoELBO`` with K = 2, 5, 10 (the importance-weighted bound, VIMCO baselines);
+* ``DisarmELBO`` (and its ARM variant) with one antithetic group per step;
+* RLOO: ``ScoreFunctionELBO`` with ``LeaveOneOutBaseline`` at the same number of model
+  evaluations per step as DisARM (1 + number of layers);
+* NVIL: ``ScoreFunctionELBO`` with ``NeuralBaseline`` (784-100-1 tanh MLP), one particle;
+* Pyro's best option: ``TraceGraph_ELBO`` with the decaying-average baseline declared on
+  every guide site.
+
+Every estimator starts from the same initial weights, sees the same mini-batches and
+trains for the same budget of its own step time, in interleaved slices (so a change in
+the machine's load hits all of them alike). Reported per estimator: model evaluations per
+step, steps per second, the training-set ELBO (nats per image: the plain single-sample
+ELBO, 10 draws, on a fixed 1,000-image training subset, whatever the estimator optimizes)
+at a quarter, half and all of the budget, and the variance of the guide gradient at the
+trained parameters (mean over recognition-weight elements of the variance over repeated
+draws on one fixed batch; running baselines frozen during the draws), and the same at
+one common point, the parameters the RLOO run reached (each estimator keeps its own
+baseline state there). NVIL's variance
+normalization divides its gradient by a running scale, which lowers its figure by that
+factor.
+
+Run: ``python benchmarks/bench_discrete.py --seconds 10``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer import ELBO, SVI, TraceGraph_ELBO
+from torch import Tensor, nn
+
+from pyro_wakesleep.control_variates import LeaveOneOutBaseline, NeuralBaseline
+from pyro_wakesleep.datasets import load_binarized_mnist
+from pyro_wakesleep.models import SigmoidBeliefNet
+from pyro_wakesleep.objectives.disarm import DisarmELBO
+from pyro_wakesleep.objectives.score_function import ScoreFunctionELBO
+from pyro_wakesleep.objectives.vimco import VimcoELBO
+
+BATCH = 24
+#: the contender whose trained parameters serve as the common point for the variances
+REFERENCE = "RLOO"
+Factory = Callable[[SigmoidBeliefNet], tuple[ELBO, Callable, int]]
+
+
+def _decaying_average(guide: Callable) -> Callable:
+    options: Any = {"baseline": {"use_decaying_avg_baseline": True}}
+    return poutine.infer_config(guide, config_fn=lambda msg: options)
+
+
+def _nvil() -> NeuralBaseline:
+    return NeuralBaseline(nn.Sequential(nn.Linear(784, 100), nn.Tanh(), nn.Linear(100, 1)))
+
+
+def _vimco(k: int) -> Factory:
+    return lambda net: (VimcoELBO(k, max_plate_nesting=1), net.guide, k)
+
+
+#: name -> factory(net) -> (objective, guide, model evaluations per step)
+ESTIMATORS: dict[str, Factory] = {
+    **{f"VIMCO K={k}": _vimco(k) for k in (2, 5, 10)},
+    "DisARM": lambda net: (
+        DisarmELBO(1, max_plate_nesting=1), net.guide, 1 + net.num_layers),
+    "ARM": lambda net: (
+        DisarmELBO(1, "arm", max_plate_nesting=1), net.guide, 1 + net.num_layers),
+    "RLOO": lambda net: (
+        ScoreFunctionELBO(1 + net.num_layers, LeaveOneOutBaseline(), max_plate_nesting=1),
+        net.guide, 1 + net.num_layers),
+    "NVIL": lambda net: (ScoreFunctionELBO(1, _nvil(), max_plate_nesting=1), net.guide, 1),
+    "Pyro TraceGraph_ELBO + avg": lambda net: (
+        TraceGraph_ELBO(num_particles=1, max_plate_nesting=1),
+        _decaying_average(net.guide), 1),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    evaluations: int
+    steps: int
+    seconds: float
+    elbo: list[float]  # at 1/4, 1/2, 1 of the budget
+    variance: float  # at the contender's own trained parameters
+    common_variance: float  # at the reference contender's trained parameters
+
+
+def train_elbo(net: SigmoidBeliefNet, x: Tensor, draws: int = 10) -> float:
+    """The single-sample ELBO per image averaged over ``draws`` draws (no gradients)."""
+    with torch.no_grad():
+        loss = ScoreFunctionELBO(draws, max_plate_nesting=1).loss(net.model, net.guide, x)
+    return -loss / len(x)
+
+
+def guide_variance(objective: ELBO, net: SigmoidBeliefNet, guide: Callable, x: Tensor,
+                   draws: int) -> float:
+    params = list(net.recognition.parameters())
+    cvs = getattr(objective, "control_variates", None)
+    if cvs is not None:
+        cvs.eval()
+    store = pyro.get_param_store()
+    frozen = {k: v.detach().clone() for k, v in store.items() if k.startswith("__baseline")}
+    samples = []
+    for _ in range(draws):
+        for p in params:
+            p.grad = None
+        objective.loss_and_grads(net.model, guide, x)  # type: ignore[attr-defined]
+        samples.append(torch.cat([p.grad.flatten() for p in params]))  # type: ignore[union-attr]
+        with torch.no_grad():
+            for k, v in frozen.items():
+                store[k].copy_(v)
+    for value in store.values():
+        value.unconstrained().grad = None  # type: ignore[attr-defined]
+    return torch.stack(samples).var(0).mean().item()
+
+
+class Contender:
+    """One estimator's training run, advanced a time slice at a time. Pyro's param store
+    is global, so each contender keeps its own store state and swaps it in to run."""
+
+    def __init__(self, name: str, initial: SigmoidBeliefNet, args: argparse.Namespace) -> None:
+        pyro.clear_param_store()
+        self.name, self.args = name, args
+        self.net = copy.deepcopy(initial)
+        self.objective, self.guide, self.evaluations = ESTIMATORS[name](self.net)
+        optim = pyro.optim.Adam({"lr": args.lr})  # type: ignore[attr-defined]
+        self.svi = SVI(self.net.model, self.guide, optim, self.objective)
+        self.order = torch.randperm(50_000, generator=torch.Generator().manual_seed(args.seed))
+        self.checkpoints = [args.seconds / 4, args.seconds / 2, args.seconds]
+        self.elbos: list[float] = []
+        self.elapsed, self.step = 0.0, 0
+        self.store = pyro.get_param_store().get_state()
+
+    @property
+    def done(self) -> bool:
+        return len(self.elbos) == len(self.checkpoints)
+
+    def advance(self, data: Tensor, subset: Tensor, slice_seconds: float) -> None:
+        """Trains for about ``slice_seconds`` of this contender's own step time."""
+        pyro.clear_param_store()
+        pyro.get_param_store().set_state(self.store)
+        until = self.elapsed + slice_seconds
+        while not self.done and self.elapsed < until:
+            if self.step >= self.args.steps:  # stopped by --steps
+                self.elbos.append(train_elbo(self.net, subset))
+                continue
+            begin = (self.step * BATCH) % (len(data) - BATCH)
+            x = data[self.order[begin:begin + BATCH] % len(data)]
+            tic = time.perf_counter()
+            self.svi.step(x)
+            self.elapsed += time.perf_counter() - tic
+            self.step += 1
+            while not self.done and self.elapsed >= self.checkpoints[len(self.elbos)]:
+                self.elbos.append(train_elbo(self.net, subset))
+        self.store = pyro.get_param_store().get_state()
+
+    def variance(self, x: Tensor, weights: dict[str, Tensor] | None = None) -> float:
+        """Guide-gradient variance at the trained parameters, or at ``weights`` (a
+        ``state_dict`` of another contender's net, put back afterwards)."""
+        pyro.clear_param_store()
+        pyro.get_param_store().set_state(self.store)
+        own = copy.deepcopy(self.net.state_dict())
+        if weights is not None:
+            self.net.load_state_dict(weights)
+        try:
+            return guide_variance(self.objective, self.net, self.guide, x, self.args.grad_draws)
+        finally:
+            self.net.load_state_dict(own)
+
+
+def run_all(
+    names: list[str], initial: SigmoidBeliefNet, data: Tensor, subset: Tensor,
+    args: argparse.Namespace,
+) -> list[Row]:
+    """Trains every estimator in interleaved slices of 1/20 of the budget, so that drift in
+    the machine's load hits every contender alike."""
+    pyro.set_rng_seed(args.seed)
+    contenders = [Contender(name, initial, args) for name in names]
+    while not all(c.done for c in contenders):
+        for c in contenders:
+            if not c.done:
+                c.advance(data, subset, args.seconds / 20)
+    x = data[:BATCH]
+    reference = next((c for c in contenders if c.name == REFERENCE), contenders[0])
+    weights = copy.deepcopy(reference.net.state_dict())
+    return [
+        Row(c.name, c.evaluations, c.step, c.elapsed, c.elbos, c.variance(x),
+            c.variance(x, weights))
+        for c in contenders
+    ]
+
+
+def table(rows: list[Row], seconds: float) -> str:
+    lines = [
+        f"| estimator | evals/step | steps/s | ELBO @ {seconds / 4:g} s | ELBO @ {seconds / 2:g} s"
+        f" | ELBO @ {seconds:g} s | grad variance (own) | grad variance (common) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.evaluations} | {r.steps / r.seconds:.1f} | "
+            + " | ".join(f"{e:.2f}" for e in r.elbo)
+            + f" | {r.variance:.3g} | {r.common_variance:.3g} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="../shared/data/binarized_mnist.npz")
+    parser.add_argument("--steps", type=int, default=10**9, help="step cap per estimator")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="training wall-clock budget per estimator and model")
+    parser.add_argument("--out", default="docs/benchmarks/discrete.md")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grad-draws", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layers", default="1,2", help="comma-separated: 1 and/or 2")
+    parser.add_argument("--estimators", default=",".join(ESTIMATORS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_binarized_mnist(args.data, "train")
+    subset = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[:1000]]
+    names = [n.strip() for n in args.estimators.split(",")]
+    unknown = [n for n in names if n not in ESTIMATORS]
+    if unknown:
+        parser.error(f"unknown estimator(s) {unknown}; choose from {list(ESTIMATORS)}")
+    sections = []
+    for layers in (int(n) for n in args.layers.split(",")):
+        torch.manual_seed(args.seed)
+        initial = SigmoidBeliefNet((784, *([200] * layers)))
+        start_elbo = train_elbo(initial, subset)
+        warm = argparse.Namespace(**{**vars(args), "steps": 3, "grad_draws": 2})
+        run_all(names, initial, data, subset, warm)  # first calls allocate: keep them out
+        rows = run_all(names, initial, data, subset, args)
+        for row in rows:
+            print(f"{layers} layer(s): {row}", flush=True)
+        title = f"### Linear SBN 784-{'-'.join(['200'] * layers)}, batch {BATCH}"
+        sections.append(f"{title}\n\nELBO at initialization: {start_elbo:.2f}\n\n"
+                        + table(rows, args.seconds))
+    header = (
+        "## Discrete-latent estimators on binarized MNIST\n\n"
+        f"`python benchmarks/bench_discrete.py --seconds {args.seconds:g}` "
+        f"(lr {args.lr:g}, seed {args.seed}, {args.grad_draws} gradient draws, "
+        f"{args.threads} thread(s); {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, pyro {pyro.__version__}).\n\n"
+        "ELBO: nats per image on a fixed 1,000-image training subset (single-sample ELBO, "
+        "10 draws), after the stated training time. Variance: mean elementwise variance "
+        "of the recognition-network gradient over the draws, at the estimator's own "
+        f"trained parameters and at those of the {REFERENCE} run (common; each estimator "
+        "keeps its own baseline state). Same initial weights and batches for every "
+        "estimator; steps/s is the estimator's own step time, runs interleaved.\n"
+    )
+    text = header + "\n" + "\n\n".join(sections) + "\n"
+    print(text)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

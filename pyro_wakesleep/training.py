@@ -1,0 +1,320 @@
+"""A training loop for users who do not want to write one: :func:`fit`.
+
+Progress bar, history, callbacks, early stopping on a held-out estimate, periodic
+gradient diagnostics, and checkpoint/resume of the whole training state (parameters,
+optimizer, control-variate state, random number generators and the position in the
+data) so that a resumed run continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer import SVI
+from pyro.infer.elbo import ELBOModule
+from pyro.util import get_rng_state, set_rng_state
+
+from pyro_wakesleep.diagnostics.history import History
+
+__all__ = ["StepInfo", "fit"]
+
+_FORMAT = "pyro_wakesleep.fit/1"
+
+
+class StepInfo(NamedTuple):
+    """What a callback of :func:`fit` receives after each step.
+
+    :param int step: steps done so far.
+    :param float loss: this step's loss.
+    :param History history: the history so far.
+    :param int epoch: passes over the data.
+    """
+
+    step: int
+    loss: float
+    history: History
+    epoch: int
+
+
+def _split(batch: Any) -> tuple[tuple, dict]:
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+class _Route:
+    """Adapts SVI or an ELBOModule + torch optimizer to one interface."""
+
+    def __init__(self, trainer: Any, optimizer: torch.optim.Optimizer | None) -> None:
+        if isinstance(trainer, SVI):  # SVI keeps the ELBO's bound methods
+            self.model, self.guide = trainer.model, trainer.guide
+            self.loss = getattr(trainer.loss_and_grads, "__self__", None)
+        elif isinstance(trainer, ELBOModule):
+            if optimizer is None:
+                raise ValueError("fit(module, ...) needs optimizer=torch.optim.<...>")
+            self.model, self.guide, self.loss = trainer.model, trainer.guide, trainer.elbo
+        else:
+            raise TypeError(f"fit takes a pyro.infer.SVI or the module of objective(model, "
+                            f"guide) (an ELBOModule), got {trainer!r}")
+        self.trainer, self.optimizer = trainer, optimizer
+
+    def step(self, args: tuple, kwargs: dict) -> float:
+        if isinstance(self.trainer, SVI):
+            return float(self.trainer.step(*args, **kwargs))
+        assert self.optimizer is not None
+        loss = self.trainer(*args, **kwargs)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def evaluate(self, args: tuple, kwargs: dict) -> float:
+        with torch.no_grad():
+            if self.loss is None:
+                return float(self.trainer.evaluate_loss(*args, **kwargs))
+            return float(self.loss.loss(self.model, self.guide, *args, **kwargs))
+
+    def state(self) -> dict[str, Any]:
+        objective = getattr(self.loss, "state_dict", None)
+        state: dict[str, Any] = {"params": pyro.get_param_store().get_state(),
+                                 "objective": objective() if callable(objective) else None}
+        if isinstance(self.trainer, SVI):
+            state["optimizer"] = self.trainer.optim.get_state()
+        else:
+            assert self.optimizer is not None
+            state["module"] = self.trainer.state_dict()
+            state["optimizer"] = self.optimizer.state_dict()
+        return copy.deepcopy(state)
+
+    def load(self, state: Mapping[str, Any], args: tuple, kwargs: dict) -> None:
+        with poutine.block():  # registers parameters and lazily created control variates
+            self.evaluate(args, kwargs)
+        store = pyro.get_param_store()
+        current = dict(store.named_parameters())
+        saved = state["params"]
+        missing = {n: v for n, v in saved["params"].items() if n not in current}
+        with torch.no_grad():  # in place: modules and optimizers keep their tensors
+            for name, value in saved["params"].items():
+                if name in current:
+                    current[name].copy_(value)
+        store.set_state({"params": missing, "constraints": {
+            n: c for n, c in saved["constraints"].items() if n in missing}})
+        if state.get("objective") is not None and self.loss is not None:
+            self.loss.load_state_dict(state["objective"])
+        if isinstance(self.trainer, SVI):
+            self.trainer.optim.optim_objs.clear()  # rebuilt from the loaded state
+            self.trainer.optim.set_state(copy.deepcopy(state["optimizer"]))
+        else:
+            assert self.optimizer is not None
+            self.trainer.load_state_dict(state["module"])
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
+class _Data:
+    """The data as a resumable stream of ``(args, kwargs)``."""
+
+    def __init__(self, data: Any) -> None:
+        self.fixed = _split(data) if isinstance(data, (tuple, Mapping)) else None
+        if self.fixed is None and not isinstance(data, Iterable):
+            raise TypeError(f"data must be a tuple of arguments, a dict of keyword "
+                            f"arguments or an iterable of batches, got {data!r}")
+        self.data = data
+        self.iterator: Iterator[Any] | None = None
+        self.epoch, self.batch, self.epoch_rng = 0, 0, get_rng_state()
+
+    def first(self) -> tuple[tuple, dict]:
+        return self.fixed or _split(next(iter(self.data)))
+
+    def next(self) -> tuple[tuple, dict]:
+        if self.fixed is not None:
+            return self.fixed
+        if self.iterator is None:
+            self.iterator = iter(self.data)
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            self.epoch, self.batch, self.epoch_rng = self.epoch + 1, 0, get_rng_state()
+            self.iterator = iterator = iter(self.data)
+            batch = next(iterator, None)
+            if batch is None:
+                raise ValueError("fit: the data yielded no batch") from None
+        self.batch += 1
+        return _split(batch)
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "epoch_rng": self.epoch_rng}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.epoch, self.epoch_rng = state["epoch"], state["epoch_rng"]
+        self.batch, self.iterator = 0, None
+        if self.fixed is None:
+            set_rng_state(self.epoch_rng)
+            self.iterator = iterator = iter(self.data)
+            for _ in range(state["batch"]):
+                next(iterator)
+        self.batch = state["batch"]
+
+
+class _DeferInterrupt:
+    """Defers Ctrl-C (SIGINT) to the end of the current step; a second one interrupts
+    at once."""
+
+    requested = False
+
+    def __enter__(self) -> _DeferInterrupt:
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _save(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    directory = os.path.dirname(os.fspath(path))
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken file
+
+
+def fit(
+    trainer: SVI | ELBOModule, data: Any, num_steps: int, *,
+    optimizer: torch.optim.Optimizer | None = None, validation: Any = None,
+    validate_every: int = 100, patience: int | None = None, min_delta: float = 0.0,
+    restore_best: bool = False, checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100, resume: bool = True,
+    callbacks: Sequence[Callable[[StepInfo], bool | None]] = (),
+    gradient_stats_every: int | None = None, gradient_stats_draws: int = 20,
+    progress: bool = True, description: str | None = None,
+) -> History:
+    """Runs ``num_steps`` optimization steps and returns the :class:`History`.
+
+    With ``checkpoint`` the whole training state (param store, optimizer state, the
+    objective's ``state_dict()`` with its control variates, the random number generators,
+    the position in the data, the history and early-stopping state) is saved every
+    ``checkpoint_every`` steps and at the end, atomically; when the file exists and
+    ``resume`` is true, training continues from it, exactly (bit for bit) as if it had
+    not stopped, also in a fresh process (the model, guide, optimizer and objective must
+    be built as before). Ctrl-C finishes the current step, saves, and raises
+    :class:`KeyboardInterrupt`. Checkpoints are pickles: load only your own
+    (:func:`torch.load` with ``weights_only=False``).
+
+    :param trainer: a :class:`pyro.infer.SVI`, or the module of
+        ``objective(model, guide)`` (an :class:`pyro.infer.elbo.ELBOModule`) with
+        ``optimizer``.
+    :param data: the arguments of every step (a tuple, or a dict of keyword arguments),
+        or an iterable of batches (e.g. a :class:`torch.utils.data.DataLoader`) cycled
+        over epochs; a batch is a tuple/list of arguments, a dict, or one tensor.
+    :param int num_steps: total steps (a resumed run counts the steps already done).
+    :param torch.optim.Optimizer optimizer: for the module route.
+    :param validation: held-out estimate, lower is better: a callable ``() -> float``, or
+        arguments (tuple/dict) or an iterable of batches at which the objective's
+        ``loss`` is evaluated (averaged over batches) every ``validate_every`` steps.
+    :param int patience: stop after this many validations without an improvement of at
+        least ``min_delta``.
+    :param bool restore_best: at the end, restore the parameters (and objective state)
+        of the best validation.
+    :param list callbacks: called with a :class:`StepInfo` after each step; returning
+        ``True`` stops training.
+    :param int gradient_stats_every: every so many steps, record
+        :func:`~pyro_wakesleep.diagnostics.gradient_stats` (``gradient_stats_draws``
+        draws, at the step's batch; it changes no training state) per group.
+    :param bool progress: show a tqdm progress bar with the running loss.
+    :param str description: the progress bar's label.
+    :rtype: History
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+        raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
+    for name, every in (("validate_every", validate_every), ("checkpoint_every",
+                        checkpoint_every)):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"{name} must be a positive int, got {every!r}")
+    route, stream, history = _Route(trainer, optimizer), _Data(data), History()
+    early: dict[str, Any] = {"best": math.inf, "best_step": None, "bad": 0, "best_state": None}
+    step = 0
+    if checkpoint is not None and resume and os.path.exists(checkpoint):
+        saved = torch.load(checkpoint, weights_only=False)
+        if saved.get("format") != _FORMAT:
+            raise ValueError(f"{os.fspath(checkpoint)!r} is not a checkpoint of fit()")
+        route.load(saved["trainer"], *stream.first())
+        stream.load(saved["data"])
+        history, early, step = History.from_state(saved["history"]), saved["early"], saved["step"]
+        set_rng_state(saved["rng"])
+
+    def snapshot() -> dict[str, Any]:
+        return {"format": _FORMAT, "step": step, "trainer": route.state(),
+                "data": stream.state(), "history": history.state(), "early": early,
+                "rng": get_rng_state()}
+
+    from tqdm.auto import tqdm
+
+    stop = False
+    with _DeferInterrupt() as interrupt, tqdm(total=num_steps, initial=step, desc=description,
+                                              disable=not progress, mininterval=1.0) as bar:
+        while step < num_steps and not stop:
+            args, kwargs = stream.next()
+            loss = route.step(args, kwargs)
+            step += 1
+            history.add_loss(step, loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{history.running_loss:.4g}")
+            if gradient_stats_every and step % gradient_stats_every == 0 \
+                    and route.loss is not None:
+                from pyro_wakesleep.diagnostics.gradients import gradient_stats
+
+                stats = gradient_stats(route.model, route.guide, route.loss, *args,
+                                       num_draws=gradient_stats_draws, **kwargs)
+                history.add_gradients(step, stats.rows("group"))
+            if validation is not None and step % validate_every == 0:
+                value = _validate(route, validation)
+                history.add_validation(step, value)
+                if value < early["best"] - min_delta:
+                    early.update(best=value, best_step=step, bad=0)
+                    if restore_best:
+                        early["best_state"] = route.state()
+                else:
+                    early["bad"] += 1
+                stop = patience is not None and early["bad"] >= patience
+            info = StepInfo(step, loss, history, stream.epoch)
+            stop = any([cb(info) is True for cb in callbacks]) or stop
+            if checkpoint is not None and (step % checkpoint_every == 0 or stop
+                                           or step == num_steps or interrupt.requested):
+                _save(checkpoint, snapshot())
+            if interrupt.requested:
+                raise KeyboardInterrupt(f"fit interrupted after step {step}" + (
+                    f"; resume from {os.fspath(checkpoint)!r}" if checkpoint else ""))
+    if restore_best and early["best_state"] is not None:
+        route.load(early["best_state"], *stream.first())
+    history.stopped_early = stop
+    return history
+
+
+def _validate(route: _Route, validation: Any) -> float:
+    if callable(validation):
+        return float(validation())
+    if isinstance(validation, (tuple, Mapping)):
+        return route.evaluate(*_split(validation))
+    values = [route.evaluate(*_split(batch)) for batch in validation]
+    if not values:
+        raise ValueError("fit: the validation data yielded no batch")
+    return sum(values) / len(values)

@@ -1,0 +1,230 @@
+"""to_arviz: every group against draws taken directly, MCMC and Predictive input, ArviZ
+functions on the result, bad input, and ArviZ staying optional. Runs against whichever
+ArviZ is installed (classic InferenceData, or the ArviZ 1.x DataTree: tests/arviz1/run.sh)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+
+from pyro_wakesleep.diagnostics import History, arviz_backend, to_arviz
+
+X = torch.tensor([0.5, -1.0, 1.5, 0.2, 2.5])
+S = 64
+
+
+def model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(mu + w[..., 0], 1.0))
+        pyro.deterministic("twice", 2 * z)
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def guide(x):
+    pyro.sample("mu", dist.Normal(0.3, 0.5))
+    pyro.sample("w", dist.Normal(torch.tensor([0.1, -0.2]), 0.4).to_event(1))
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(0.5 * x, 0.6))
+
+
+def _variables(data, group):
+    return {k: (v.dims, v.shape) for k, v in data[group].data_vars.items()}
+
+
+def test_backend_type():
+    data = to_arviz(model, guide, X, num_samples=4, max_plate_nesting=1)
+    if arviz_backend() == "classic":
+        import arviz as az
+
+        assert isinstance(data, az.InferenceData)
+    else:
+        import xarray as xr
+
+        assert isinstance(data, xr.DataTree)
+
+
+def test_round_trip_against_direct_draws():
+    pyro.set_rng_seed(0)
+    data = to_arviz(model, guide, X, num_samples=S, max_plate_nesting=1)
+    # the same draws, directly: the guide under a plate of S at dim -2, then the
+    # posterior predictive drawn right after
+    pyro.set_rng_seed(0)
+    tr = poutine.trace(pyro.plate("draws", S, dim=-2)(guide)).get_trace(X)
+    mu, w, z = (tr.nodes[n]["value"] for n in ("mu", "w", "z"))
+    assert mu.shape == (S, 1) and w.shape == (S, 1, 2) and z.shape == (S, 5)
+    x_rep = dist.Normal(z, 1.0).sample()
+    post = data["posterior"]
+    assert _variables(data, "posterior") == {
+        "mu": (("chain", "draw"), (1, S)), "w": (("chain", "draw", "w_dim_0"), (1, S, 2)),
+        "z": (("chain", "draw", "data"), (1, S, 5)),
+        "twice": (("chain", "draw", "data"), (1, S, 5))}
+    np.testing.assert_allclose(post["mu"].values[0], mu[:, 0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(post["w"].values[0], w[:, 0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(post["z"].values[0], z.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(post["twice"].values[0], 2 * z.numpy(), rtol=1e-6)
+    assert _variables(data, "observed_data") == {"x": (("data",), (5,))}
+    np.testing.assert_allclose(data["observed_data"]["x"].values, X.numpy())
+    log_lik = dist.Normal(z, 1.0).log_prob(X)
+    assert _variables(data, "log_likelihood") == {"x": (("chain", "draw", "data"), (1, S, 5))}
+    np.testing.assert_allclose(data["log_likelihood"]["x"].values[0], log_lik.numpy(),
+                               rtol=1e-5)
+    assert _variables(data, "posterior_predictive") == {
+        "x": (("chain", "draw", "data"), (1, S, 5))}
+    np.testing.assert_allclose(data["posterior_predictive"]["x"].values[0], x_rep.numpy(),
+                               rtol=1e-6)
+    log_p = (dist.Normal(0.0, 1.0).log_prob(mu[:, 0])
+             + dist.Normal(0.0, 1.0).log_prob(w[:, 0]).sum(-1)
+             + dist.Normal(mu + w[..., 0], 1.0).log_prob(z).sum(-1) + log_lik.sum(-1))
+    log_q = (dist.Normal(0.3, 0.5).log_prob(mu[:, 0])
+             + dist.Normal(torch.tensor([0.1, -0.2]), 0.4).log_prob(w[:, 0]).sum(-1)
+             + dist.Normal(0.5 * X, 0.6).log_prob(z).sum(-1))
+    stats = data["sample_stats"]
+    assert set(stats.data_vars) == {"log_p", "log_q", "log_weight"}
+    np.testing.assert_allclose(stats["log_p"].values[0], log_p.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(stats["log_q"].values[0], log_q.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(stats["log_weight"].values[0], (log_p - log_q).numpy(),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_dims_coords_and_subsample():
+    data = to_arviz(model, guide, X, num_samples=8, dims={"w": ["feature"], "x": ["obs"]},
+                    coords={"feature": ["a", "b"], "obs": list("vwxyz")})
+    assert data["posterior"]["w"].dims == ("chain", "draw", "feature")
+    assert list(data["posterior"]["w"].coords["feature"].values) == ["a", "b"]
+    assert data["log_likelihood"]["x"].dims == ("chain", "draw", "obs")
+    assert list(data["observed_data"]["x"].coords["obs"].values) == list("vwxyz")
+    with pytest.raises(ValueError, match="dims for 'w'"):
+        to_arviz(model, guide, X, num_samples=2, dims={"w": []})
+
+    def sub_model(x, idx):
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 10, subsample=idx):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    def sub_guide(x, idx):
+        pyro.sample("loc", dist.Normal(0.0, 1.0))
+
+    idx = torch.tensor([7, 2, 4])
+    sub = to_arviz(sub_model, sub_guide, torch.zeros(3), idx, num_samples=4)
+    assert list(sub["log_likelihood"]["x"].coords["data"].values) == [7, 2, 4]
+
+
+def test_mcmc_and_predictive():
+    pyro.set_rng_seed(0)
+    mcmc = pyro.infer.MCMC(pyro.infer.NUTS(model), num_samples=30, warmup_steps=20,
+                           disable_progbar=True)
+    mcmc.run(X)
+    data = to_arviz(mcmc)
+    samples = mcmc.get_samples()
+    np.testing.assert_allclose(data["posterior"]["w"].values[0], samples["w"].numpy())
+    np.testing.assert_allclose(data["posterior"]["z"].values[0], samples["z"].numpy())
+    np.testing.assert_allclose(
+        data["log_likelihood"]["x"].values[0],
+        dist.Normal(samples["z"], 1.0).log_prob(X).numpy(), rtol=1e-5)
+    assert {"log_p", "diverging"} <= set(data["sample_stats"].data_vars)
+    predictive = pyro.infer.Predictive(model, guide=guide, num_samples=20,
+                                       return_sites=["mu", "w", "z", "x"])(X)
+    assert predictive["mu"].shape == (20, 1)  # Predictive's padded axis
+    pdata = to_arviz(model, predictive, X)
+    assert pdata["posterior"]["mu"].shape == (1, 20)
+    np.testing.assert_allclose(pdata["posterior"]["mu"].values[0], predictive["mu"][:, 0])
+    np.testing.assert_allclose(pdata["posterior_predictive"]["x"].values[0],
+                               predictive["x"].numpy())
+    with pytest.raises(ValueError, match="latent site"):
+        to_arviz(model, {"mu": predictive["mu"]}, X)
+    with pytest.raises(ValueError, match="shape"):
+        to_arviz(model, {**predictive, "w": torch.zeros(20, 3)}, X)
+
+
+def test_arviz_functions_work_on_result():
+    pyro.set_rng_seed(0)
+    one = to_arviz(model, guide, X, num_samples=200)
+    two = to_arviz(model, guide, X, num_samples=200, dims={"x": ["data"]})
+    if arviz_backend() == "classic":
+        import arviz as az
+        import matplotlib
+
+        matplotlib.use("Agg")
+        assert set(az.summary(one, var_names=["mu", "w"]).index) == {"mu", "w[0]", "w[1]"}
+        assert np.isfinite(az.loo(one)["elpd_loo"])
+        assert set(az.compare({"one": one, "two": two}).index) == {"one", "two"}
+        az.plot_posterior(one, var_names=["mu"])
+        az.plot_ppc(one, num_pp_samples=20)
+        matplotlib.pyplot.close("all")
+    else:
+        import arviz_stats as azs
+
+        assert "mu" in str(azs.summary(one, var_names=["mu", "w"]).index[0])
+        assert np.isfinite(azs.loo(one).elpd)
+        assert set(azs.compare({"one": one, "two": two}).index) == {"one", "two"}
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="num_samples"):
+        to_arviz(model, guide, X, num_samples=0)
+
+    def partial_guide(x):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"\['w', 'z'\]"):
+        to_arviz(model, partial_guide, X, num_samples=4)
+
+    def unobserved(x):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="no observed sample site"):
+        to_arviz(unobserved, partial_guide, X, num_samples=4)
+    assert "log_likelihood" not in _groups(
+        to_arviz(unobserved, partial_guide, X, num_samples=4, log_likelihood=False))
+
+    def positive_model(x):
+        scale = pyro.sample("scale", dist.HalfNormal(1.0))
+        pyro.sample("x", dist.Normal(0.0, scale), obs=x)
+
+    def sign_guide(x):
+        pyro.sample("scale", dist.Normal(0.0, 1.0))
+
+    pyro.set_rng_seed(0)
+    message = r"site 'scale' is non-finite in \d+ of 50 draws"
+    with pytest.raises(ValueError, match=message), pyro.validation_enabled(False):
+        to_arviz(positive_model, sign_guide, torch.tensor(1.0), num_samples=50)
+    with pytest.raises(TypeError, match="to_arviz takes"):
+        to_arviz(model, 3, X)
+
+
+def _groups(data):
+    return set(data.children) if hasattr(data, "children") else set(data.groups())
+
+
+def test_history_to_arviz_and_pandas():
+    history = History()
+    for step in range(1, 6):
+        history.add_loss(step, 10.0 - step)
+    history.add_validation(5, 4.5)
+    assert "training" in _groups(history.to_arviz())
+    frame = history.to_dataframe()
+    assert list(frame["loss"]) == [9.0, 8.0, 7.0, 6.0, 5.0]
+    assert frame.loc[5, "validation"] == 4.5
+
+
+def test_import_does_not_import_arviz():
+    code = ("import sys, pyro_wakesleep, pyro_wakesleep.diagnostics, pyro_wakesleep.training; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'arviz', 'arviz_base', 'arviz_stats', 'arviz_plots'}); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_missing_arviz_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "arviz", None)
+    monkeypatch.setitem(sys.modules, "arviz_base", None)
+    with pytest.raises(ImportError, match=r"pip install pyro-wakesleep\[arviz\]"):
+        to_arviz(model, guide, X, num_samples=2)

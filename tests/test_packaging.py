@@ -1,0 +1,137 @@
+"""The package builds as an sdist and a wheel that installs into a clean environment.
+
+``python -m build`` builds the sdist and then the wheel *from the sdist*, so a file
+missing from the sdist breaks the wheel build. The wheel is installed with ``--no-deps``
+into a fresh virtual environment that sees this environment's packages (torch, pyro) on
+a plain path entry, so nothing is downloaded; the smoke test then runs from outside the
+repository and checks that it imports the installed copy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMOKE = textwrap.dedent(
+    """
+    import importlib, importlib.metadata, pkgutil, sys
+    from pathlib import Path
+
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    import pyro_wakesleep
+    from pyro_wakesleep import ScoreFunctionELBO, LeaveOneOutBaseline
+
+    where = Path(pyro_wakesleep.__file__).resolve()
+    assert Path(sys.prefix).resolve() in where.parents, f"imported {where}, not the wheel"
+    version = importlib.metadata.version("pyro-wakesleep")
+    assert pyro_wakesleep.__version__ == version, (pyro_wakesleep.__version__, version)
+    for info in pkgutil.walk_packages(pyro_wakesleep.__path__, "pyro_wakesleep."):
+        importlib.import_module(info.name)
+    for name in pyro_wakesleep.__all__:
+        getattr(pyro_wakesleep, name)
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Bernoulli(0.5))
+            pyro.sample("x", dist.Normal(2.0 * z - 1.0, 1.0), obs=x)
+
+    def guide(x):
+        p = pyro.param("p", torch.full((len(x),), 0.5))
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Bernoulli(p))
+
+    pyro.set_rng_seed(0)
+    elbo = ScoreFunctionELBO(num_particles=2, control_variate=LeaveOneOutBaseline())
+    loss = elbo.differentiable_loss(model, guide, torch.tensor([-1.0, 1.0]))
+    loss.backward()
+    assert torch.isfinite(loss) and pyro.param("p").grad is not None
+    print("smoke ok", version, where)
+    """
+)
+
+
+def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, check=False, **kwargs
+    )
+    assert result.returncode == 0, (
+        f"{' '.join(command)} failed ({result.returncode}):\n"
+        f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME"}}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def test_sdist_and_wheel_build_install_and_import(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    dist_dir = tmp_path / "dist"
+    build = [sys.executable, "-m", "build", "--outdir", str(dist_dir)]
+    if importlib.util.find_spec("hatchling") is not None:
+        build.append("--no-isolation")  # offline and fast; else pip fetches the backend
+    run([*build, str(ROOT)], cwd=tmp_path, env=clean_env())
+
+    (sdist,) = dist_dir.glob("pyro_wakesleep-*.tar.gz")
+    (wheel,) = dist_dir.glob("pyro_wakesleep-*.whl")
+    with tarfile.open(sdist) as archive:
+        members = {Path(*Path(m).parts[1:]).as_posix() for m in archive.getnames()}
+    for required in ("pyproject.toml", "README.md", "LICENSE", "pyro_wakesleep/__init__.py"):
+        assert required in members, f"{required} missing from {sdist.name}"
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert "pyro_wakesleep/__init__.py" in names
+    assert not any(n.startswith(("tests/", "docs/", "tutorials/")) for n in names), names
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    with zipfile.ZipFile(wheel) as archive:
+        requires = [
+            line for line in archive.read(metadata).decode().splitlines()
+            if line.startswith("Requires-Dist:") and "extra ==" not in line
+        ]
+    for dependency in ("torch", "pyro-ppl"):
+        assert any(dependency in line for line in requires), (dependency, requires)
+
+    # a fresh environment; this one's site-packages (dependencies only: its .pth files,
+    # such as an editable install of this package, are not processed) on a plain path
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    purelib = Path(
+        run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+        .stdout.strip()
+    )
+    here = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (purelib / "parent_environment.pth").write_text("\n".join(sorted(here)) + "\n")
+    run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+         "--no-index", "--quiet", str(wheel)],
+        env=clean_env(),
+    )
+
+    smoke = run([str(python), "-c", SMOKE], cwd=tmp_path, env=clean_env())
+    assert "smoke ok" in smoke.stdout
+    script = venv / ("Scripts/pyro-wakesleep.exe" if os.name == "nt" else "bin/pyro-wakesleep")
+    assert script.exists(), "console script pyro-wakesleep not installed"
+    cli = run([str(python), "-c", "import importlib.util as u; "
+               "print(u.find_spec('pyro_wakesleep.cli') is not None)"], cwd=tmp_path,
+              env=clean_env())
+    if cli.stdout.strip() == "True":
+        run([str(script), "--help"], cwd=tmp_path, env=clean_env())
+    print(f"build, install and smoke test in {time.perf_counter() - start:.1f} s")

@@ -1,0 +1,205 @@
+"""fit(): exact resume in a fresh process (also after Ctrl-C mid-step), early stopping,
+callbacks, gradient statistics in the history, the module route, bad input."""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pyro
+import pytest
+import torch
+
+from pyro_wakesleep import MovingAverageBaseline, ScoreFunctionELBO
+from pyro_wakesleep.training import History, fit
+
+SCRIPT = textwrap.dedent('''
+    import os, signal, sys
+    import pyro, torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from pyro_wakesleep import MovingAverageBaseline, NeuralBaseline, ScoreFunctionELBO
+    from pyro_wakesleep.models import SigmoidBeliefNet
+    from pyro_wakesleep.training import fit
+
+    def build(interrupt_at=None):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        x = torch.bernoulli(torch.full((40, 12), 0.3))
+        sbn = SigmoidBeliefNet((12, 5, 3))
+        baseline = torch.nn.Sequential(torch.nn.Linear(12, 1), torch.nn.Flatten(0))
+        loss = ScoreFunctionELBO(num_particles=2, control_variate={
+            "h1": NeuralBaseline(baseline), "h2": MovingAverageBaseline()})
+        calls = [0]
+
+        def guide(x):  # optionally sends Ctrl-C to itself in the middle of a step
+            calls[0] += 1
+            if calls[0] == interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            sbn.guide(x)
+
+        svi = pyro.infer.SVI(sbn.model, guide, pyro.optim.Adam({"lr": 0.02}), loss)
+        loader = DataLoader(TensorDataset(x), batch_size=15, shuffle=True)  # ragged epochs
+        return svi, loader, loss, x
+
+    def run(steps, checkpoint=None, interrupt_at=None):
+        svi, loader, loss, x = build(interrupt_at)
+        history = fit(svi, loader, steps, checkpoint=checkpoint, checkpoint_every=3,
+                      validation=(x,), validate_every=2, progress=False)
+        params = {n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()}
+        return {"params": params, "objective": loss.state_dict(), "losses": history.losses,
+                "validation": history.validation}
+
+    if __name__ == "__main__":
+        torch.save(run(int(sys.argv[1]), sys.argv[2]), sys.argv[3])
+''')
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "resume_script.py"
+    path.write_text(SCRIPT)
+    spec = importlib.util.spec_from_file_location("resume_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def _resume_in_fresh_process(path, steps, checkpoint, out):
+    subprocess.run([sys.executable, str(path), str(steps), str(checkpoint), str(out)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    return torch.load(out, weights_only=False)
+
+
+def _assert_identical(a, b):
+    assert a["params"].keys() == b["params"].keys()
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    assert a["objective"].keys() == b["objective"].keys()
+    assert any(k.startswith("h1.module") for k in a["objective"])  # NVIL's learned weights
+    assert any(k.startswith("h2.average") for k in a["objective"])  # moving average
+    assert all(torch.equal(a["objective"][k], b["objective"][k]) for k in a["objective"])
+    assert a["losses"] == b["losses"] and a["validation"] == b["validation"]
+
+
+def test_resume_in_fresh_process_is_exact_also_after_ctrl_c(script, tmp_path):
+    # train, stop (Ctrl-C arriving mid-step: the step finishes, the state is saved),
+    # restore in a fresh process, train on: identical to the run that never stopped
+    module, path = script
+    straight = module.run(11)
+    checkpoint = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt, match="resume from"):
+        module.run(11, checkpoint, interrupt_at=12)  # inside the guide, mid-step
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    saved = torch.load(checkpoint, weights_only=False)
+    assert 3 < saved["step"] < 11  # after a periodic save (every 3 steps)
+    assert len(saved["history"]["losses"]) == saved["step"]
+    resumed = _resume_in_fresh_process(path, 11, checkpoint, tmp_path / "out.pt")
+    _assert_identical(straight, resumed)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 11
+
+
+def _gauss_svi():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+
+    def model(x):
+        loc = pyro.sample("loc", pyro.distributions.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", pyro.distributions.Normal(loc, 1.0), obs=x)
+
+    def guide(x):
+        loc = pyro.param("q_loc", torch.tensor(0.0))
+        pyro.sample("loc", pyro.distributions.Normal(loc, 0.5))
+
+    loss = ScoreFunctionELBO(num_particles=2, control_variate=MovingAverageBaseline(),
+                             force_score_function=True)
+    return pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), loss), loss
+
+
+def test_early_stopping_restore_best_and_callbacks():
+    svi, _ = _gauss_svi()
+    x = torch.tensor([1.0, 2.0, 1.5])
+    values = iter([5.0, 4.0, 3.0, 3.5, 3.6, 3.7, 3.8])
+    seen = {}
+
+    def remember(info):
+        seen[info.step] = pyro.param("q_loc").detach().clone()
+
+    history = fit(svi, (x,), 50, validation=lambda: next(values), validate_every=1,
+                  patience=2, restore_best=True, callbacks=[remember], progress=False)
+    assert history.stopped_early and len(history) == 5
+    assert history.best == (3, 3.0)
+    assert torch.equal(pyro.param("q_loc").detach(), seen[3])
+    svi, _ = _gauss_svi()
+    history = fit(svi, (x,), 50, callbacks=[lambda info: info.step == 4], progress=True)
+    assert len(history) == 4 and history.stopped_early
+
+
+def test_gradient_stats_in_history_do_not_change_training():
+    x = torch.tensor([1.0, 2.0, 1.5])
+    svi, _ = _gauss_svi()
+    plain = fit(svi, (x,), 6, progress=False)
+    plain_loc = pyro.param("q_loc").detach().clone()
+    svi, _ = _gauss_svi()
+    watched = fit(svi, {"x": x}, 6, gradient_stats_every=3, gradient_stats_draws=5,
+                  progress=False)
+    assert torch.equal(pyro.param("q_loc").detach(), plain_loc)
+    assert watched.losses == plain.losses
+    frame = watched.gradients_dataframe()
+    assert sorted(set(frame.index.get_level_values("step"))) == [3, 6]
+    assert set(frame.index.get_level_values("group")) == {"guide"}
+
+
+def test_module_route_resume_and_history_outputs(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    x = torch.tensor([1.0, 2.0, 1.5])
+
+    class Guide(pyro.nn.PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.q_loc = torch.nn.Parameter(torch.tensor(0.0))
+
+        def forward(self, x):
+            pyro.sample("loc", pyro.distributions.Normal(self.q_loc, 0.5))
+
+    def run(steps, checkpoint=None):
+        svi, loss = _gauss_svi()
+        module = loss(svi.model, Guide())
+        optimizer = torch.optim.Adam(module.parameters(), lr=0.05)
+        history = fit(module, (x,), steps, optimizer=optimizer, checkpoint=checkpoint,
+                      checkpoint_every=2, progress=False)
+        return history, {k: v.clone() for k, v in module.state_dict().items()}
+
+    straight, state = run(7)
+    ckpt = tmp_path / "module.ckpt"
+    run(4, ckpt)
+    resumed, resumed_state = run(7, ckpt)
+    assert resumed.losses == straight.losses
+    assert state.keys() == resumed_state.keys() and "control_variates.loc.average" in state
+    assert all(torch.equal(state[k], resumed_state[k]) for k in state)
+    assert list(straight.to_dataframe()["loss"]) == straight.losses
+    fig = straight.plot()
+    assert fig.axes
+    matplotlib.pyplot.close(fig)
+    assert "7 steps" in repr(straight) and isinstance(straight, History)
+
+
+def test_bad_input(tmp_path):
+    svi, loss = _gauss_svi()
+    x = torch.tensor([1.0])
+    with pytest.raises(ValueError, match="num_steps"):
+        fit(svi, (x,), -1)
+    with pytest.raises(TypeError, match="SVI"):
+        fit(object(), (x,), 1)
+    with pytest.raises(ValueError, match="optimizer"):
+        fit(loss(svi.model, svi.guide), (x,), 1)
+    with pytest.raises(TypeError, match="data"):
+        fit(svi, 3, 1)
+    bogus = tmp_path / "bogus.ckpt"
+    torch.save({"step": 1}, bogus)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        fit(svi, (x,), 2, checkpoint=bogus)
+    assert not os.path.exists(tmp_path / "never.ckpt.tmp")
