@@ -276,8 +276,8 @@ def fit(
             loss = route.step(args, kwargs)
             step += 1
             history.add_loss(step, loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{history.running_loss:.4g}")
+            bar.set_postfix(loss=f"{history.running_loss:.4g}", refresh=False)
+            bar.update(1)  # redraws at most once per mininterval, with the new postfix
             if gradient_stats_every and step % gradient_stats_every == 0 \
                     and route.loss is not None:
                 from pyro_wakesleep.diagnostics.gradients import gradient_stats
