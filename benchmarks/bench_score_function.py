@@ -246,6 +246,8 @@ def main() -> None:
              "ours-svi": "ScoreFunctionELBO, SVI", "pyro-trace": "Pyro Trace_ELBO, SVI",
              "pyro-tracegraph": "Pyro TraceGraph_ELBO (decaying avg), SVI"}
     lines = [
+        "# Score-function ELBO: step time and gradient variance",
+        "",
         f"Linear SBN 784-200, binarized MNIST, batch {BATCH}, {k} particles; "
         f"{args.rounds}×{args.steps} timed steps per row (median), 1 thread; variance = mean "
         f"elementwise variance of the recognition-network gradient over {args.draws} draws "
@@ -263,6 +265,14 @@ def main() -> None:
         ratio = f"{ms[(kind, cv)] / hand:.2f}" if hand else "—"
         lines.append(f"| {label[kind]} | {cv} | {ms[(kind, cv)]:.2f} | {ratio} | "
                      f"{variance[(kind, cv)]:.4g} |")
+    lines += [
+        "",
+        "How to read it: the hand-written rows run the same estimator with the same draws "
+        "(their variances equal ours). Our objective adds little to running a Pyro model: "
+        "through SVI it is faster than Pyro's own `Trace_ELBO`, and the rest of the gap to "
+        "hand-written PyTorch is Pyro tracing the model and guide (plates, `pyro.module`, "
+        "distribution wrappers, effect handlers), which every Pyro objective pays.",
+    ]
     table = "\n".join(lines)
     print(table)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
