@@ -228,3 +228,20 @@ def test_missing_arviz_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "arviz_base", None)
     with pytest.raises(ImportError, match=r"pip install pyro-wakesleep\[arviz\]"):
         to_arviz(model, guide, X, num_samples=2)
+
+
+def test_posterior_predictive_with_an_observation_that_uses_a_deterministic_site():
+    def det_model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            loc = pyro.deterministic("loc", mu + x)
+            pyro.sample("y", dist.Normal(loc, 1.0), obs=x)
+
+    def det_guide(x):
+        pyro.sample("mu", dist.Normal(0.3, 0.5))
+
+    data = to_arviz(det_model, det_guide, X, num_samples=S)
+    assert data["posterior_predictive"]["y"].shape == (1, S, len(X))
+    np.testing.assert_allclose(data["posterior"]["loc"].values[0],
+                               data["posterior"]["mu"].values[0][:, None] + X.numpy(),
+                               rtol=1e-5)

@@ -206,7 +206,11 @@ def _obs(node: Any) -> Tensor:
 def _predict(fit: Fit) -> dict[str, Tensor]:
     num = next(iter(fit.stats.values())).shape[0]
     plate = pyro.plate(DRAW_PLATE, num, dim=-(fit.nesting + 1))
-    model = poutine.condition(poutine.uncondition(plate(fit.model)), data=fit.latents)
+    # deterministic sites keep their traced values: unconditioned, they would be redrawn
+    # and broadcast against the draws' plate a second time
+    fixed = {**fit.latents, **{n: s["value"] for n, s in nodes(fit.trace).items()
+                               if is_sample(s) and s["infer"].get("_deterministic")}}
+    model = poutine.condition(poutine.uncondition(plate(fit.model)), data=fixed)
     with torch.no_grad(), poutine.block():
         trace = poutine.trace(model).get_trace(*fit.args, **fit.kwargs)
     return {n: s["value"] for n, s in nodes(trace).items() if is_sample(s)}
