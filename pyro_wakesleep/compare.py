@@ -239,7 +239,8 @@ def save(results: Sequence[Result], out: str | os.PathLike) -> dict[str, str]:
     if finite:
         ax.set_ylim(min(finite), max(finite) + 0.05 * (max(finite) - min(finite) + 1))
     ax.set_xlabel("step")
-    ax.set_ylabel("training ELBO per image (nats)")
+    ax.set_ylabel("training objective per image (nats)")
+    ax.set_title("ELBO; importance-weighted bound for rws and vimco", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(paths["png"], dpi=120)
