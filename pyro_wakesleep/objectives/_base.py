@@ -91,12 +91,18 @@ class Objective(ELBO):
         Vectorized particles need ``max_plate_nesting``: it is guessed from one extra run
         of model and guide the first time if not given."""
         vectorize = self.vectorize_particles and self.num_particles > 1
-        if vectorize and self.max_plate_nesting == math.inf:
-            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        self._know_plate_nesting(model, guide, args, kwargs, vectorize)
         return run_particles(
             model, guide, args, kwargs, num_particles=self.num_particles, vectorize=vectorize,
             max_plate_nesting=self.max_plate_nesting, detach_guide=detach_guide,
         )
+
+    def _know_plate_nesting(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, vectorize: bool
+    ) -> None:
+        """Guesses ``max_plate_nesting`` (once) when a vectorized pass needs it."""
+        if vectorize and self.max_plate_nesting == math.inf:
+            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
 
     def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError("objectives in pyro_wakesleep draw traces via _particles")

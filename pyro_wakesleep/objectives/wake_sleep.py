@@ -28,7 +28,6 @@ from pyro_wakesleep.objectives._dreams import (
 )
 from pyro_wakesleep.objectives._traces import (
     Particles,
-    guess_max_plate_nesting,
     latent_sites,
     log_weights,
     sample_sites,
@@ -77,8 +76,7 @@ class _WakeSleep(Objective):
         ``S`` dreams :math:`(z'_s, x'_s) \\sim p_\\theta`."""
         num = self.num_sleep_particles
         vectorize = self.vectorize_particles and num > 1
-        if vectorize and self.max_plate_nesting == math.inf:
-            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        self._know_plate_nesting(model, guide, args, kwargs, vectorize)
         nesting = self.max_plate_nesting
         total: Tensor | float = 0.0
         for trace in dream(model, args, kwargs, num, vectorize, nesting):
