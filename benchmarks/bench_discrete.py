@@ -31,22 +31,27 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pyro
-import pyro.poutine as poutine
 import torch
+from common import (
+    CONTROL_VARIATES,
+    ParamStoreSlot,
+    decaying_average,
+    frozen_control_variates,
+    gradient,
+    machine,
+    versions,
+    write_table,
+)
 from pyro.infer import ELBO, SVI, TraceGraph_ELBO
-from torch import Tensor, nn
+from torch import Tensor
 
-from pyro_wakesleep.control_variates import LeaveOneOutBaseline, NeuralBaseline
-from pyro_wakesleep.datasets import load_binarized_mnist
-from pyro_wakesleep.models import SigmoidBeliefNet
+from pyro_wakesleep.examples.datasets import load_binarized_mnist
+from pyro_wakesleep.examples.models import SigmoidBeliefNet
 from pyro_wakesleep.objectives.disarm import DisarmELBO
 from pyro_wakesleep.objectives.score_function import ScoreFunctionELBO
 from pyro_wakesleep.objectives.vimco import VimcoELBO
@@ -55,15 +60,6 @@ BATCH = 24
 #: the contender whose trained parameters serve as the common point for the variances
 REFERENCE = "RLOO"
 Factory = Callable[[SigmoidBeliefNet], tuple[ELBO, Callable, int]]
-
-
-def _decaying_average(guide: Callable) -> Callable:
-    options: Any = {"baseline": {"use_decaying_avg_baseline": True}}
-    return poutine.infer_config(guide, config_fn=lambda msg: options)
-
-
-def _nvil() -> NeuralBaseline:
-    return NeuralBaseline(nn.Sequential(nn.Linear(784, 100), nn.Tanh(), nn.Linear(100, 1)))
 
 
 def _vimco(k: int) -> Factory:
@@ -78,12 +74,13 @@ ESTIMATORS: dict[str, Factory] = {
     "ARM": lambda net: (
         DisarmELBO(1, "arm", max_plate_nesting=1), net.guide, 1 + net.num_layers),
     "RLOO": lambda net: (
-        ScoreFunctionELBO(1 + net.num_layers, LeaveOneOutBaseline(), max_plate_nesting=1),
+        ScoreFunctionELBO(1 + net.num_layers, CONTROL_VARIATES["loo"](), max_plate_nesting=1),
         net.guide, 1 + net.num_layers),
-    "NVIL": lambda net: (ScoreFunctionELBO(1, _nvil(), max_plate_nesting=1), net.guide, 1),
+    "NVIL": lambda net: (
+        ScoreFunctionELBO(1, CONTROL_VARIATES["nvil"](), max_plate_nesting=1), net.guide, 1),
     "Pyro TraceGraph_ELBO + avg": lambda net: (
         TraceGraph_ELBO(num_particles=1, max_plate_nesting=1),
-        _decaying_average(net.guide), 1),
+        decaying_average(net.guide), 1),
 }
 
 
@@ -108,20 +105,16 @@ def train_elbo(net: SigmoidBeliefNet, x: Tensor, draws: int = 10) -> float:
 def guide_variance(objective: ELBO, net: SigmoidBeliefNet, guide: Callable, x: Tensor,
                    draws: int) -> float:
     params = list(net.recognition.parameters())
-    cvs = getattr(objective, "control_variates", None)
-    if cvs is not None:
-        cvs.eval()
     store = pyro.get_param_store()
     frozen = {k: v.detach().clone() for k, v in store.items() if k.startswith("__baseline")}
     samples = []
-    for _ in range(draws):
-        for p in params:
-            p.grad = None
-        objective.loss_and_grads(net.model, guide, x)  # type: ignore[attr-defined]
-        samples.append(torch.cat([p.grad.flatten() for p in params]))  # type: ignore[union-attr]
-        with torch.no_grad():
-            for k, v in frozen.items():
-                store[k].copy_(v)
+    with frozen_control_variates(objective):
+        for _ in range(draws):
+            samples.append(gradient(params, lambda: objective.loss_and_grads(  # type: ignore
+                net.model, guide, x)))
+            with torch.no_grad():
+                for k, v in frozen.items():
+                    store[k].copy_(v)
     for value in store.values():
         value.unconstrained().grad = None  # type: ignore[attr-defined]
     return torch.stack(samples).var(0).mean().item()
@@ -142,7 +135,7 @@ class Contender:
         self.checkpoints = [args.seconds / 4, args.seconds / 2, args.seconds]
         self.elbos: list[float] = []
         self.elapsed, self.step = 0.0, 0
-        self.store = pyro.get_param_store().get_state()
+        self.slot = ParamStoreSlot()
 
     @property
     def done(self) -> bool:
@@ -150,28 +143,25 @@ class Contender:
 
     def advance(self, data: Tensor, subset: Tensor, slice_seconds: float) -> None:
         """Trains for about ``slice_seconds`` of this contender's own step time."""
-        pyro.clear_param_store()
-        pyro.get_param_store().set_state(self.store)
-        until = self.elapsed + slice_seconds
-        while not self.done and self.elapsed < until:
-            if self.step >= self.args.steps:  # stopped by --steps
-                self.elbos.append(train_elbo(self.net, subset))
-                continue
-            begin = (self.step * BATCH) % (len(data) - BATCH)
-            x = data[self.order[begin:begin + BATCH] % len(data)]
-            tic = time.perf_counter()
-            self.svi.step(x)
-            self.elapsed += time.perf_counter() - tic
-            self.step += 1
-            while not self.done and self.elapsed >= self.checkpoints[len(self.elbos)]:
-                self.elbos.append(train_elbo(self.net, subset))
-        self.store = pyro.get_param_store().get_state()
+        with self.slot.active():
+            until = self.elapsed + slice_seconds
+            while not self.done and self.elapsed < until:
+                if self.step >= self.args.steps:  # stopped by --steps
+                    self.elbos.append(train_elbo(self.net, subset))
+                    continue
+                begin = (self.step * BATCH) % (len(data) - BATCH)
+                x = data[self.order[begin:begin + BATCH] % len(data)]
+                tic = time.perf_counter()
+                self.svi.step(x)
+                self.elapsed += time.perf_counter() - tic
+                self.step += 1
+                while not self.done and self.elapsed >= self.checkpoints[len(self.elbos)]:
+                    self.elbos.append(train_elbo(self.net, subset))
 
     def variance(self, x: Tensor, weights: dict[str, Tensor] | None = None) -> float:
         """Guide-gradient variance at the trained parameters, or at ``weights`` (a
         ``state_dict`` of another contender's net, put back afterwards)."""
-        pyro.clear_param_store()
-        pyro.get_param_store().set_state(self.store)
+        self.slot.restore()
         own = copy.deepcopy(self.net.state_dict())
         if weights is not None:
             self.net.load_state_dict(weights)
@@ -256,8 +246,7 @@ def main() -> None:
         "## Discrete-latent estimators on binarized MNIST\n\n"
         f"`python benchmarks/bench_discrete.py --seconds {args.seconds:g}` "
         f"(lr {args.lr:g}, seed {args.seed}, {args.grad_draws} gradient draws, "
-        f"{args.threads} thread(s); {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, pyro {pyro.__version__}).\n\n"
+        f"{args.threads} thread(s); {machine()}, {versions()}).\n\n"
         "ELBO: nats per image on a fixed 1,000-image training subset (single-sample ELBO, "
         "10 draws), after the stated training time. Variance: mean elementwise variance "
         "of the recognition-network gradient over the draws, at the estimator's own "
@@ -265,11 +254,7 @@ def main() -> None:
         "keeps its own baseline state). Same initial weights and batches for every "
         "estimator; steps/s is the estimator's own step time, runs interleaved.\n"
     )
-    text = header + "\n" + "\n\n".join(sections) + "\n"
-    print(text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    write_table(header + "\n" + "\n\n".join(sections), args.out)
 
 
 if __name__ == "__main__":

@@ -17,90 +17,35 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
-import statistics
-import time
 
 import pyro
-import pyro.distributions as dist
-import pyro.poutine as poutine
 import torch
-from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
-from torch import nn
-
-from pyro_wakesleep import (
-    LeaveOneOutBaseline,
-    MovingAverageBaseline,
-    NeuralBaseline,
-    ScoreFunctionELBO,
+from common import (
+    CONTROL_VARIATES,
+    HandREINFORCE,
+    ParamStoreSlot,
+    decaying_average,
+    frozen_control_variates,
+    gradient,
+    interleaved_times,
+    machine,
+    medians,
+    versions,
+    write_table,
 )
-from pyro_wakesleep.datasets import load_binarized_mnist
-from pyro_wakesleep.models import SigmoidBeliefNet
+from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
+
+from pyro_wakesleep import ScoreFunctionELBO
+from pyro_wakesleep.examples.datasets import load_binarized_mnist
+from pyro_wakesleep.examples.models import SigmoidBeliefNet
 
 BATCH = 24
 
 
-def baseline_net() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 100), nn.Tanh(), nn.Linear(100, 1))
-
-
-# -- the estimator by hand ------------------------------------------------------------------
-class HandWritten:
-    """REINFORCE for the 1-layer SBN in plain PyTorch, with the same control variates."""
-
-    def __init__(self, net: SigmoidBeliefNet, k: int, cv: str) -> None:
-        self.net, self.k, self.cv = net, k, cv
-        self.avg = torch.zeros(())
-        self.weight = torch.zeros(())
-        self.stats = torch.zeros(3)  # mean, variance, weight (NVIL)
-        self.baseline = baseline_net() if cv == "nvil" else None
-
-    def parameters(self):
-        params = list(self.net.parameters())
-        return params + (list(self.baseline.parameters()) if self.baseline else [])
-
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        gen, rec = self.net.generative, self.net.recognition[0]
-        q = dist.Bernoulli(logits=rec(x))
-        z = q.sample((self.k,))
-        log_q = q.log_prob(z).sum(-1)
-        log_p = (dist.Bernoulli(logits=gen.prior_logits).log_prob(z).sum(-1)
-                 + dist.Bernoulli(logits=gen.layers[0](z)).log_prob(x).sum(-1))
-        f = (log_p - log_q).detach()
-        extra = 0.0
-        if self.cv == "average":
-            w = self.weight
-            b = self.avg / w if w > 0 else torch.zeros(())
-            self.avg, self.weight = 0.9 * self.avg + 0.1 * f.mean(), 0.9 * w + 0.1
-            adv = f - b
-        elif self.cv == "loo":
-            adv = f - (f.sum(0, keepdim=True) - f) / (self.k - 1)
-        elif self.cv == "nvil":
-            b = self.baseline(x).squeeze(-1)
-            m, v, w = self.stats
-            c = m / w if w > 0 else torch.zeros(())
-            var = v / w if w > 0 else torch.ones(())
-            r = f - b.detach()
-            adv = (r - c) / var.sqrt().clamp(min=1.0)
-            extra = (f - c - b).pow(2).sum() / self.k
-            self.stats = torch.stack([0.8 * m + 0.2 * r.mean(), 0.8 * v + 0.2 * r.var(correction=0),
-                                      0.8 * w + 0.2])
-        else:
-            adv = f
-        return -(log_p.sum() + (adv * log_q).sum()) / self.k + extra
-
-
 # -- contenders ---------------------------------------------------------------------------
 def ours(cv: str, k: int):
-    spec = {"none": None, "average": MovingAverageBaseline(), "loo": LeaveOneOutBaseline(),
-            "nvil": NeuralBaseline(baseline_net())}[cv]
+    spec = CONTROL_VARIATES[cv]()
     return ScoreFunctionELBO(k, {"h1": spec} if spec else None, max_plate_nesting=1)
-
-
-def decaying_average(guide):
-    return poutine.infer_config(guide, config_fn=lambda m: {
-        "baseline": {"use_decaying_avg_baseline": True, "baseline_beta": 0.9}})
 
 
 class Runner:
@@ -115,7 +60,7 @@ class Runner:
         self.elbo = None
         cv_params: list[torch.Tensor] = []
         if kind == "hand":
-            self.hand = HandWritten(self.net, k, cv)
+            self.hand = HandREINFORCE(self.net, k, cv)
             self.optim = torch.optim.Adam(self.hand.parameters(), lr=1e-3)
             cv_params = list(self.hand.baseline.parameters()) if self.hand.baseline else []
         elif kind == "ours-torch":
@@ -137,10 +82,7 @@ class Runner:
                 self.guide = decaying_average(self.guide)
             self.svi = SVI(self.net.model, self.guide, pyro.optim.Adam({"lr": 1e-3}), self.elbo)
         self.cv_optim = torch.optim.Adam(cv_params, lr=1e-2) if cv_params else None
-        self.store = pyro.get_param_store().get_state()
-
-    def activate(self) -> None:
-        pyro.get_param_store().set_state(self.store)
+        self.slot = ParamStoreSlot()
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "hand":
@@ -168,23 +110,20 @@ class Runner:
             p.grad = None
 
     def grad(self, x: torch.Tensor) -> torch.Tensor:
-        params = list(self.net.recognition.parameters())
-        for p in params:
-            p.grad = None
         frozen = copy.deepcopy(pyro.get_param_store().get_state())
-        hand_state = (self.hand.avg, self.hand.weight, self.hand.stats) if self.kind == "hand" \
-            else None
-        if self.elbo is not None and hasattr(self.elbo, "control_variates"):
-            self.elbo.control_variates.eval()
-        loss = self.loss(x)
-        if loss.requires_grad:
-            loss.backward()
+        hand_state = self.hand.state() if self.kind == "hand" else None
+
+        def backward() -> None:
+            loss = self.loss(x)
+            if loss.requires_grad:
+                loss.backward()
+
+        with frozen_control_variates(self.elbo):
+            draw = gradient(list(self.net.recognition.parameters()), backward)
         if hand_state is not None:
-            self.hand.avg, self.hand.weight, self.hand.stats = hand_state
+            self.hand.set_state(hand_state)
         pyro.get_param_store().set_state(frozen)  # Pyro's decaying averages live here
-        if self.elbo is not None and hasattr(self.elbo, "control_variates"):
-            self.elbo.control_variates.train()
-        return torch.cat([p.grad.flatten() for p in params])
+        return draw
 
 
 def main() -> None:
@@ -229,19 +168,12 @@ def main() -> None:
         draws = torch.stack([r.grad(x) for _ in range(args.draws)])
         variance[c] = draws.var(0).mean().item()
 
-    runners = {c: Runner(*c, k, init) for c in contenders}
-    times = {c: [] for c in contenders}
-    for rnd in range(args.rounds):
-        for c in contenders[rnd % len(contenders):] + contenders[:rnd % len(contenders)]:
-            r = runners[c]
-            r.activate()
-            for i in range(args.steps):
-                start = time.perf_counter()
-                r.step(batches[(rnd * args.steps + i) % len(batches)])
-                times[c].append(time.perf_counter() - start)
-            r.store = pyro.get_param_store().get_state()
-
-    ms = {c: 1e3 * statistics.median(v) for c, v in times.items()}
+    runners = [Runner(*c, k, init) for c in contenders]
+    times = interleaved_times(
+        runners, Runner.step, lambda i: batches[i % len(batches)], args.rounds, args.steps,
+        per_step=True, slot=lambda r: r.slot.active(),
+    )
+    ms = {c: 1e3 * t for c, t in zip(contenders, medians(times), strict=True)}
     label = {"hand": "hand-written PyTorch", "ours-torch": "ScoreFunctionELBO, plain PyTorch",
              "ours-svi": "ScoreFunctionELBO, SVI", "pyro-trace": "Pyro Trace_ELBO, SVI",
              "pyro-tracegraph": "Pyro TraceGraph_ELBO (decaying avg), SVI"}
@@ -254,8 +186,7 @@ def main() -> None:
         f"at the same parameters for all rows ({args.train_steps} steps of RLOO training), "
         f"after {args.warm_steps} steps fitting only each row's control variate, then "
         "frozen. "
-        f"torch {torch.__version__}, pyro {pyro.__version__}, "
-        f"{platform.processor() or platform.machine()}.",
+        f"{versions()}, {machine()}.",
         "",
         "| estimator | control variate | ms/step | × hand-written | guide-gradient variance |",
         "|---|---|---:|---:|---:|",
@@ -273,11 +204,7 @@ def main() -> None:
         "hand-written PyTorch is Pyro tracing the model and guide (plates, `pyro.module`, "
         "distribution wrappers, effect handlers), which every Pyro objective pays.",
     ]
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(table + "\n")
+    write_table("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -15,81 +15,30 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
-import os
-import platform
-import random
-import statistics
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
-import torch.nn.functional as F
+from common import (
+    hand_wake_sleep_gmm,
+    hand_wake_sleep_sbn,
+    interleaved_times,
+    machine,
+    medians,
+    repo_path,
+    versions,
+    write_table,
+)
 from pyro.infer import ReweightedWakeSleep
 from torch import Tensor, nn
 
-from pyro_wakesleep.datasets import load_binarized_mnist
-from pyro_wakesleep.mixture import GaussianMixture
-from pyro_wakesleep.models import SigmoidBeliefNet
+from pyro_wakesleep.examples.datasets import load_binarized_mnist
+from pyro_wakesleep.examples.mixture import GaussianMixture
+from pyro_wakesleep.examples.models import SigmoidBeliefNet
 from pyro_wakesleep.objectives.wake_sleep import ReweightedWakeSleepELBO, WakeSleepELBO
 
-ROOT = Path(__file__).resolve().parents[1]
-Step = Callable[[Tensor], Tensor]
-HandFactory = Callable[[Any, int, bool], Step]
-
-
-def _bern(logits: Tensor, value: Tensor) -> Tensor:
-    """Bernoulli log-density summed over the last dim, as a hand-written step would."""
-    logits, value = torch.broadcast_tensors(logits, value)
-    return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
-
-
-# -- the estimators by hand -------------------------------------------------------------------
-def hand_sbn(net: Any, k: int, reweighted: bool) -> Step:
-    gen, rec = net.generative, net.recognition[0]
-
-    def loss(x: Tensor) -> Tensor:
-        q_logits = rec(x)
-        h = torch.bernoulli(torch.sigmoid(q_logits).detach().expand(k, *q_logits.shape))
-        log_q = _bern(q_logits, h)
-        log_p = _bern(gen.prior_logits, h) + _bern(gen.layers[0](h), x)
-        if reweighted:
-            log_w = log_p - log_q.detach()
-            w = torch.softmax(log_w.detach(), 0)
-            iwae = torch.logsumexp(log_w, 0) - math.log(k)
-            return -iwae.sum() - (w * log_q).sum()
-        with torch.no_grad():  # sleep: one dream per datapoint
-            h_dream = torch.bernoulli(torch.sigmoid(gen.prior_logits).expand(x.shape[0], -1))
-            x_dream = torch.bernoulli(torch.sigmoid(gen.layers[0](h_dream)))
-        return -log_p.sum() / k - _bern(rec(x_dream), h_dream).sum()
-
-    return loss
-
-
-def hand_gmm(gmm: Any, k: int, reweighted: bool) -> Step:
-    def log_lik(c: Tensor, x: Tensor) -> Tensor:
-        return (-0.5 * ((x - gmm.means[c]) / gmm.scale) ** 2 - math.log(gmm.scale)
-                - 0.5 * math.log(2 * math.pi))
-
-    def loss(x: Tensor) -> Tensor:
-        q_log = torch.log_softmax(gmm.recognition(x.unsqueeze(-1)), -1)
-        c = torch.multinomial(q_log.detach().exp(), k, replacement=True).T
-        log_q = q_log.gather(-1, c.T).T
-        log_p = torch.log_softmax(gmm.prior_logits(), -1)[c] + log_lik(c, x)
-        if reweighted:
-            log_w = log_p - log_q.detach()
-            w = torch.softmax(log_w.detach(), 0)
-            return -(torch.logsumexp(log_w, 0) - math.log(k)).sum() - (w * log_q).sum()
-        with torch.no_grad():
-            c_dream = torch.multinomial(gmm.mixture_weights(), x.shape[0], replacement=True)
-            x_dream = gmm.means[c_dream] + gmm.scale * torch.randn_like(x)
-        q_dream = torch.log_softmax(gmm.recognition(x_dream.unsqueeze(-1)), -1)
-        return -log_p.sum() / k - q_dream.gather(-1, c_dream.unsqueeze(-1)).sum()
-
-    return loss
+HandFactory = Callable[[Any, int, bool], Callable[[Tensor], Tensor]]
 
 
 # -- contenders ---------------------------------------------------------------------------------
@@ -127,25 +76,13 @@ def contenders(net: nn.Module, k: int, hand: HandFactory) -> list[Contender]:
 
 
 def time_all(runners: list[Contender], batches: Callable[[int], Tensor], rounds: int,
-             steps: int, seed: int) -> dict[int, list[float]]:
-    order = list(range(len(runners)))
-    rng = random.Random(seed)
-    times: dict[int, list[float]] = {i: [] for i in order}
-    for i in order:  # warm-up
-        for s in range(3):
-            runners[i].step(batches(s))
-    for r in range(rounds):
-        rng.shuffle(order)
-        for i in order:
-            start = time.perf_counter()
-            for s in range(steps):
-                runners[i].step(batches(r * steps + s))
-            times[i].append((time.perf_counter() - start) / steps)
-    return times
+             steps: int, seed: int) -> list[float]:
+    """Median seconds per step of each runner (3 warm-up steps each, shuffled rounds)."""
+    return medians(interleaved_times(runners, Contender.step, batches, rounds, steps,
+                                     shuffle_seed=seed, warmup=3))
 
 
-def table(name: str, runners: list[Contender], times: dict[int, list[float]]) -> list[str]:
-    median = {i: statistics.median(t) for i, t in times.items()}
+def table(name: str, runners: list[Contender], median: list[float]) -> list[str]:
     by = {(c.objective, c.implementation): i for i, c in enumerate(runners)}
     rows = []
     for i, c in enumerate(runners):
@@ -173,8 +110,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pyro.enable_validation(False)
     pyro.set_rng_seed(args.seed)
-    data_path = Path(args.data) if os.path.isabs(args.data) else ROOT / args.data
-    mnist = load_binarized_mnist(data_path, "train")
+    mnist = load_binarized_mnist(repo_path(args.data), "train")
     n_batches = args.rounds * args.steps + 3
     sbn_idx = torch.randint(len(mnist), (n_batches, 24))
     sbn_batches = [mnist[i] for i in sbn_idx]
@@ -187,27 +123,24 @@ def main() -> None:
         f"Median seconds per optimizer step over {args.rounds} interleaved rounds of "
         f"{args.steps} steps; K = {args.particles} for RWS (wake-φ only, Pyro's default), "
         "K = S = 1 for WS; `torch.optim.Adam` for every contender; validation off; "
-        f"torch {torch.__version__}, pyro {pyro.__version__}, {args.threads} thread(s), "
-        f"{platform.processor() or platform.machine()}. Hand-written: the same estimator "
+        f"{versions()}, {args.threads} thread(s), "
+        f"{machine()}. Hand-written: the same estimator "
         "in plain PyTorch.",
         "",
         "| model | objective | implementation | ms / step | × hand-written | × Pyro RWS |",
         "|---|---|---|---|---|---|",
     ]
     models: list[tuple[str, nn.Module, HandFactory, list[Tensor]]] = [
-        ("SBN 784-200, batch 24", SigmoidBeliefNet((784, 200)), hand_sbn, sbn_batches),
-        ("GMM (Le et al.), batch 100", gmm, hand_gmm, gmm_batches),
+        ("SBN 784-200, batch 24", SigmoidBeliefNet((784, 200)), hand_wake_sleep_sbn,
+         sbn_batches),
+        ("GMM (Le et al.), batch 100", gmm, hand_wake_sleep_gmm, gmm_batches),
     ]
     for name, net, hand, batches in models:
         pyro.clear_param_store()
         runners = contenders(net, args.particles, hand)
         times = time_all(runners, batches.__getitem__, args.rounds, args.steps, args.seed)
         lines += table(name, runners, times)
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out) if os.path.isabs(args.out) else ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_table("\n".join(lines), repo_path(args.out))
 
 
 if __name__ == "__main__":

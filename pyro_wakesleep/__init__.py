@@ -5,6 +5,7 @@ from pyro_wakesleep.control_variates import (
     LeaveOneOutBaseline,
     MovingAverageBaseline,
     NeuralBaseline,
+    TraceGraphBaseline,
 )
 from pyro_wakesleep.diagnostics import History
 from pyro_wakesleep.objectives import (
@@ -32,6 +33,7 @@ __all__ = [
     "ReweightedWakeSleepELBO",
     "ScoreFunctionELBO",
     "StepInfo",
+    "TraceGraphBaseline",
     "VimcoELBO",
     "WakeSleepELBO",
     "__version__",

@@ -4,6 +4,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.testing.fakes import NonreparameterizedNormal
+from torch import nn
 
 # Inputs spread widely so that the learning signal depends strongly on the datapoint.
 X = torch.tensor([-2.0, -0.5, 0.3, 1.7, 3.5, 5.0])
@@ -68,3 +69,39 @@ def offset_model(x):
         z = pyro.sample("z", dist.Bernoulli(logits=w[0]))
         pyro.sample("x", dist.Normal(3.0 * w[1] * z - 1.0, 1.0), obs=x)
         pyro.sample("y", dist.Normal(0.0, 1.0), obs=2.0 * x)
+
+
+class MixedModel(nn.Module):
+    """z_i ~ Bern(sigmoid(w0)), y_i | z_i ~ N(w1 z_i + w2, 1), x_i | y_i ~ N(y_i, 0.5) in
+    a data plate: a discrete and a reparameterizable latent, which every objective supports.
+    A module (for the plain PyTorch route) registered with ``pyro.module`` (for SVI) such
+    that the param store is authoritative: a restored store reaches a fresh module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.4, 1.2, -0.3]))
+
+    def forward(self, x):
+        pyro.module("model", self, update_module_params=True)
+        w = self.w
+        with pyro.plate("data", x.shape[-1], device=x.device):
+            z = pyro.sample("z", dist.Bernoulli(logits=w[0]))
+            y = pyro.sample("y", dist.Normal(w[1] * z + w[2], 1.0))
+            pyro.sample("x", dist.Normal(y, 0.5), obs=x)
+
+
+class MixedGuide(nn.Module):
+    """q(z_i | x_i) = Bern(sigmoid(a0 + a1 x_i)),
+    q(y_i | z_i, x_i) = N(a2 + a3 x_i + a4 z_i, exp(a5)); it broadcasts over leading
+    dimensions of ``x`` (vectorized dreams)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.2, 0.5, 0.1, 0.6, 0.8, -0.5]))
+
+    def forward(self, x):
+        pyro.module("guide", self, update_module_params=True)
+        a = self.a
+        with pyro.plate("data", x.shape[-1], device=x.device):
+            z = pyro.sample("z", dist.Bernoulli(logits=a[0] + a[1] * x))
+            pyro.sample("y", dist.Normal(a[2] + a[3] * x + a[4] * z, a[5].exp()))

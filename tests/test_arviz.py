@@ -1,9 +1,17 @@
-"""to_arviz: every group against draws taken directly, MCMC and Predictive input, ArviZ
-functions on the result, bad input, and ArviZ staying optional. Runs against whichever
-ArviZ is installed (classic InferenceData, or the ArviZ 1.x DataTree: tests/arviz1/run.sh)."""
+"""to_arviz and the converters it dispatches to (from_guide, from_mcmc, from_samples):
+every group against draws taken directly, MCMC and Predictive input, ArviZ functions on
+the result, the draws' dimensions, bad input, ArviZ staying optional, and no import cycle
+in the diagnostics. Runs against whichever ArviZ is installed (classic InferenceData, or
+the ArviZ 1.x DataTree: tests/arviz1/run.sh).
 
+A guide's (and a dict's) independent draws lie along ``(chain, draw)`` of one chain under
+classic ArviZ and along ``sample`` under ArviZ 1.x (arviz_base.from_numpyro_svi's
+convention); :func:`_lead` and :func:`_flat` let one assertion cover both."""
+
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -12,7 +20,14 @@ import pyro.poutine as poutine
 import pytest
 import torch
 
-from pyro_wakesleep.diagnostics import History, arviz_backend, to_arviz
+from pyro_wakesleep.diagnostics import (
+    History,
+    arviz_backend,
+    from_guide,
+    from_mcmc,
+    from_samples,
+    to_arviz,
+)
 
 X = torch.tensor([0.5, -1.0, 1.5, 0.2, 2.5])
 S = 64
@@ -38,6 +53,20 @@ def _variables(data, group):
     return {k: (v.dims, v.shape) for k, v in data[group].data_vars.items()}
 
 
+def _lead(num, *dims):
+    """(dims, shape) of ``num`` independent draws: ``(chain, draw)`` of one chain under
+    classic ArviZ, ``sample`` under ArviZ 1.x."""
+    if arviz_backend() == "classic":
+        return ("chain", "draw", *dims), (1, num)
+    return ("sample", *dims), (num,)
+
+
+def _flat(array):
+    """The values of a DataArray with its draws' dimensions as one leading axis."""
+    lead = [d for d in array.dims if d in ("chain", "draw", "sample")]
+    return array.transpose(*lead, ...).values.reshape(-1, *array.shape[len(lead):])
+
+
 def test_backend_type():
     data = to_arviz(model, guide, X, num_samples=4, max_plate_nesting=1)
     if arviz_backend() == "classic":
@@ -61,23 +90,24 @@ def test_round_trip_against_direct_draws():
     assert mu.shape == (S, 1) and w.shape == (S, 1, 2) and z.shape == (S, 5)
     x_rep = dist.Normal(z, 1.0).sample()
     post = data["posterior"]
+    lead, shape = _lead(S)
     assert _variables(data, "posterior") == {
-        "mu": (("chain", "draw"), (1, S)), "w": (("chain", "draw", "w_dim_0"), (1, S, 2)),
-        "z": (("chain", "draw", "data"), (1, S, 5)),
-        "twice": (("chain", "draw", "data"), (1, S, 5))}
-    np.testing.assert_allclose(post["mu"].values[0], mu[:, 0].numpy(), rtol=1e-6)
-    np.testing.assert_allclose(post["w"].values[0], w[:, 0].numpy(), rtol=1e-6)
-    np.testing.assert_allclose(post["z"].values[0], z.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(post["twice"].values[0], 2 * z.numpy(), rtol=1e-6)
+        "mu": (lead, shape), "w": ((*lead, "w_dim_0"), (*shape, 2)),
+        "z": ((*lead, "data"), (*shape, 5)),
+        "twice": ((*lead, "data"), (*shape, 5))}
+    np.testing.assert_allclose(_flat(post["mu"]), mu[:, 0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(_flat(post["w"]), w[:, 0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(_flat(post["z"]), z.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(_flat(post["twice"]), 2 * z.numpy(), rtol=1e-6)
     assert _variables(data, "observed_data") == {"x": (("data",), (5,))}
     np.testing.assert_allclose(data["observed_data"]["x"].values, X.numpy())
     log_lik = dist.Normal(z, 1.0).log_prob(X)
-    assert _variables(data, "log_likelihood") == {"x": (("chain", "draw", "data"), (1, S, 5))}
-    np.testing.assert_allclose(data["log_likelihood"]["x"].values[0], log_lik.numpy(),
+    assert _variables(data, "log_likelihood") == {"x": ((*lead, "data"), (*shape, 5))}
+    np.testing.assert_allclose(_flat(data["log_likelihood"]["x"]), log_lik.numpy(),
                                rtol=1e-5)
     assert _variables(data, "posterior_predictive") == {
-        "x": (("chain", "draw", "data"), (1, S, 5))}
-    np.testing.assert_allclose(data["posterior_predictive"]["x"].values[0], x_rep.numpy(),
+        "x": ((*lead, "data"), (*shape, 5))}
+    np.testing.assert_allclose(_flat(data["posterior_predictive"]["x"]), x_rep.numpy(),
                                rtol=1e-6)
     log_p = (dist.Normal(0.0, 1.0).log_prob(mu[:, 0])
              + dist.Normal(0.0, 1.0).log_prob(w[:, 0]).sum(-1)
@@ -87,18 +117,18 @@ def test_round_trip_against_direct_draws():
              + dist.Normal(0.5 * X, 0.6).log_prob(z).sum(-1))
     stats = data["sample_stats"]
     assert set(stats.data_vars) == {"log_p", "log_q", "log_weight"}
-    np.testing.assert_allclose(stats["log_p"].values[0], log_p.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(stats["log_q"].values[0], log_q.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(stats["log_weight"].values[0], (log_p - log_q).numpy(),
+    np.testing.assert_allclose(_flat(stats["log_p"]), log_p.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(_flat(stats["log_q"]), log_q.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(_flat(stats["log_weight"]), (log_p - log_q).numpy(),
                                rtol=1e-5, atol=1e-4)
 
 
 def test_dims_coords_and_subsample():
     data = to_arviz(model, guide, X, num_samples=8, dims={"w": ["feature"], "x": ["obs"]},
                     coords={"feature": ["a", "b"], "obs": list("vwxyz")})
-    assert data["posterior"]["w"].dims == ("chain", "draw", "feature")
+    assert data["posterior"]["w"].dims == _lead(8, "feature")[0]
     assert list(data["posterior"]["w"].coords["feature"].values) == ["a", "b"]
-    assert data["log_likelihood"]["x"].dims == ("chain", "draw", "obs")
+    assert data["log_likelihood"]["x"].dims == _lead(8, "obs")[0]
     assert list(data["observed_data"]["x"].coords["obs"].values) == list("vwxyz")
     with pytest.raises(ValueError, match="dims for 'w'"):
         to_arviz(model, guide, X, num_samples=2, dims={"w": []})
@@ -133,9 +163,9 @@ def test_mcmc_and_predictive():
                                        return_sites=["mu", "w", "z", "x"])(X)
     assert predictive["mu"].shape == (20, 1)  # Predictive's padded axis
     pdata = to_arviz(model, predictive, X)
-    assert pdata["posterior"]["mu"].shape == (1, 20)
-    np.testing.assert_allclose(pdata["posterior"]["mu"].values[0], predictive["mu"][:, 0])
-    np.testing.assert_allclose(pdata["posterior_predictive"]["x"].values[0],
+    assert pdata["posterior"]["mu"].shape == _lead(20)[1]
+    np.testing.assert_allclose(_flat(pdata["posterior"]["mu"]), predictive["mu"][:, 0])
+    np.testing.assert_allclose(_flat(pdata["posterior_predictive"]["x"]),
                                predictive["x"].numpy())
     with pytest.raises(ValueError, match="latent site"):
         to_arviz(model, {"mu": predictive["mu"]}, X)
@@ -158,9 +188,15 @@ def test_arviz_functions_work_on_result():
         az.plot_posterior(one, var_names=["mu"])
         az.plot_ppc(one, num_pp_samples=20)
         matplotlib.pyplot.close("all")
-    else:
+    else:  # arviz_stats: summary's r-hat and loo/compare need (chain, draw)
         import arviz_stats as azs
 
+        assert "mu" in str(azs.summary(one, var_names=["mu", "w"], sample_dims=["sample"],
+                                       kind="stats").index[0])
+        pyro.set_rng_seed(0)
+        one = to_arviz(model, guide, X, num_samples=200, sample_dims=("chain", "draw"))
+        two = to_arviz(model, guide, X, num_samples=200, dims={"x": ["data"]},
+                       sample_dims=("chain", "draw"))
         assert "mu" in str(azs.summary(one, var_names=["mu", "w"]).index[0])
         assert np.isfinite(azs.loo(one).elpd)
         assert set(azs.compare({"one": one, "two": two}).index) == {"one", "two"}
@@ -241,7 +277,7 @@ def test_posterior_predictive_with_an_observation_that_uses_a_deterministic_site
         pyro.sample("mu", dist.Normal(0.3, 0.5))
 
     data = to_arviz(det_model, det_guide, X, num_samples=S)
-    assert data["posterior_predictive"]["y"].shape == (1, S, len(X))
-    np.testing.assert_allclose(data["posterior"]["loc"].values[0],
-                               data["posterior"]["mu"].values[0][:, None] + X.numpy(),
+    assert data["posterior_predictive"]["y"].shape == (*_lead(S)[1], len(X))
+    np.testing.assert_allclose(_flat(data["posterior"]["loc"]),
+                               _flat(data["posterior"]["mu"])[:, None] + X.numpy(),
                                rtol=1e-5)

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from pyro_wakesleep.cli import main
-from pyro_wakesleep.compare import OBJECTIVES, compare, format_table
-from pyro_wakesleep.datasets import load_binarized_mnist, load_digits
+from pyro_wakesleep.examples.cli import main
+from pyro_wakesleep.examples.compare import OBJECTIVES, compare, format_table
+from pyro_wakesleep.examples.datasets import load_binarized_mnist, load_digits
 
 
 def test_compare_runs_every_objective_and_writes_table_json_and_plot(tmp_path, capsys):
@@ -55,7 +55,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
 
 
 def test_entry_point_is_installed():
-    out = subprocess.run([sys.executable, "-m", "pyro_wakesleep.cli", "compare", "--help"],
+    out = subprocess.run([sys.executable, "-m", "pyro_wakesleep.examples.cli", "compare", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--data" in out and "--particles" in out
 

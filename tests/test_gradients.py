@@ -11,7 +11,7 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
 from pyro_wakesleep import MovingAverageBaseline, NeuralBaseline, ScoreFunctionELBO
 from pyro_wakesleep.diagnostics import compare_estimators, gradient_stats
-from pyro_wakesleep.models import SigmoidBeliefNet
+from pyro_wakesleep.examples.models import SigmoidBeliefNet
 
 MU = torch.tensor([0.5, -1.0, 2.0])
 

@@ -9,7 +9,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 
-from pyro_wakesleep.mixture import GaussianMixture, true_mixture_weights
+from pyro_wakesleep.examples.mixture import GaussianMixture, true_mixture_weights
 
 
 def test_true_weights_and_initialization() -> None:

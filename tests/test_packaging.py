@@ -10,7 +10,9 @@ repository and checks that it imports the installed copy.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -20,6 +22,8 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +68,16 @@ SMOKE = textwrap.dedent(
 )
 
 
+CORE = ("torch", "pyro-ppl", "numpy", "tqdm")
+EXAMPLES = ("__init__", "cli", "compare", "datasets", "mixture", "models")
+EXTRA_ONLY = ("sklearn", "matplotlib")
+
+
+def requirement_name(line: str) -> str:
+    """``"Requires-Dist: scikit-learn>=1.2; extra == 'examples'"`` -> ``"scikit-learn"``."""
+    return re.split(r"[\s<>=!~;\[(]", line.removeprefix("Requires-Dist:").strip(), maxsplit=1)[0]
+
+
 def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=300, check=False, **kwargs
@@ -98,15 +112,30 @@ def test_sdist_and_wheel_build_install_and_import(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     assert "pyro_wakesleep/__init__.py" in names
+    for module in EXAMPLES:
+        assert f"pyro_wakesleep/examples/{module}.py" in names, (module, names)
+        if module != "__init__":
+            assert f"pyro_wakesleep/{module}.py" not in names, f"{module}.py outside examples/"
     assert not any(n.startswith(("tests/", "docs/", "tutorials/")) for n in names), names
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:
-        requires = [
-            line for line in archive.read(metadata).decode().splitlines()
-            if line.startswith("Requires-Dist:") and "extra ==" not in line
-        ]
+        lines = archive.read(metadata).decode().splitlines()
+        scripts = archive.read(entry_points).decode()
+    requires = [
+        line for line in lines if line.startswith("Requires-Dist:") and "extra ==" not in line
+    ]
     for dependency in ("torch", "pyro-ppl"):
         assert any(dependency in line for line in requires), (dependency, requires)
+    core = sorted(requirement_name(line) for line in requires)
+    assert core == sorted(CORE), f"core dependencies {core}, expected {sorted(CORE)}"
+    assert "Provides-Extra: examples" in lines, "no examples extra"
+    examples = sorted(
+        requirement_name(line) for line in lines
+        if line.startswith("Requires-Dist:") and "extra == 'examples'" in line.replace('"', "'")
+    )
+    assert examples == ["matplotlib", "scikit-learn"], examples
+    assert "pyro-wakesleep = pyro_wakesleep.examples.cli:main" in scripts, scripts
 
     # a fresh environment; this one's site-packages (dependencies only: its .pth files,
     # such as an editable install of this package, are not processed) on a plain path
@@ -130,8 +159,53 @@ def test_sdist_and_wheel_build_install_and_import(tmp_path: Path) -> None:
     script = venv / ("Scripts/pyro-wakesleep.exe" if os.name == "nt" else "bin/pyro-wakesleep")
     assert script.exists(), "console script pyro-wakesleep not installed"
     cli = run([str(python), "-c", "import importlib.util as u; "
-               "print(u.find_spec('pyro_wakesleep.cli') is not None)"], cwd=tmp_path,
+               "print(u.find_spec('pyro_wakesleep.examples.cli') is not None)"], cwd=tmp_path,
               env=clean_env())
     if cli.stdout.strip() == "True":
         run([str(script), "--help"], cwd=tmp_path, env=clean_env())
     print(f"build, install and smoke test in {time.perf_counter() - start:.1f} s")
+
+
+def imported_extras(code: str) -> list[str]:
+    """Which of :data:`EXTRA_ONLY` a fresh interpreter has imported after running ``code``."""
+    report = (
+        "\nimport json, sys\n"
+        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(EXTRA_ONLY)!r})))"
+    )
+    out = run([sys.executable, "-c", code + report], cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_import_needs_no_examples_extra() -> None:
+    assert imported_extras("import pyro_wakesleep") == []
+    walk = textwrap.dedent(
+        """
+        import importlib, pkgutil, pyro_wakesleep
+        for info in pkgutil.walk_packages(pyro_wakesleep.__path__, "pyro_wakesleep."):
+            importlib.import_module(info.name)
+        """
+    )
+    assert imported_extras(walk) == [], "a module imports an examples-only package eagerly"
+
+
+@pytest.mark.parametrize(("module", "name", "call"), [
+    ("datasets", "load_digits", "load_digits()"),
+    ("compare", "save", "save([], OUT)"),
+])
+def test_examples_name_the_extra_where_it_is_missing(
+    module: str, name: str, call: str, tmp_path: Path
+) -> None:
+    probe = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules.update(sklearn=None, matplotlib=None)  # as if not installed
+        from pyro_wakesleep.examples.{module} import {name}  # imports without them
+        OUT = {str(tmp_path / "out")!r}
+        try:
+            {call}
+        except ImportError as error:
+            print("ImportError:", error)
+        """
+    )
+    out = run([sys.executable, "-c", probe], cwd=ROOT).stdout
+    assert "ImportError:" in out and "pip install pyro-wakesleep[examples]" in out, out

@@ -6,6 +6,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from checks import assert_unbiased, enum_grads, param_grads, store_draws
 from models import (
     X,
     bern_guide,
@@ -17,7 +18,7 @@ from models import (
     two_layer_guide,
     two_layer_model,
 )
-from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enumerate
+from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
 from torch import nn
 
 from pyro_wakesleep import (
@@ -26,20 +27,6 @@ from pyro_wakesleep import (
     NeuralBaseline,
     ScoreFunctionELBO,
 )
-
-
-def grads_of(elbo, model, guide, *args, seed=0, **kwargs):
-    store = pyro.get_param_store()
-    for name in store:
-        store[name].unconstrained().grad = None
-    pyro.set_rng_seed(seed)
-    loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
-    out = {}
-    for name in sorted(store.keys()):
-        p = store[name].unconstrained()
-        out[name] = p.grad.clone()
-        p.grad = None
-    return loss, out
 
 
 def assert_same(a, b, atol=1e-5):
@@ -54,22 +41,22 @@ def assert_same(a, b, atol=1e-5):
 @pytest.mark.parametrize("num_particles,vectorize", [(1, True), (3, True), (3, False)])
 def test_without_control_variate_equals_trace_elbo(num_particles, vectorize):
     kw = dict(num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=1)
-    ours = grads_of(ScoreFunctionELBO(**kw), bern_model, bern_guide, X)
+    ours = param_grads(ScoreFunctionELBO(**kw), bern_model, bern_guide, X)
     pyro.clear_param_store()
-    theirs = grads_of(Trace_ELBO(**kw), bern_model, bern_guide, X)
+    theirs = param_grads(Trace_ELBO(**kw), bern_model, bern_guide, X)
     assert_same(ours, theirs)
 
 
 @pytest.mark.parametrize("num_particles", [1, 4])
 def test_downstream_rao_blackwellization_equals_tracegraph_elbo(num_particles):
     kw = dict(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
-    ours = grads_of(ScoreFunctionELBO(**kw), two_layer_model, two_layer_guide, X)
+    ours = param_grads(ScoreFunctionELBO(**kw), two_layer_model, two_layer_guide, X)
     pyro.clear_param_store()
-    theirs = grads_of(TraceGraph_ELBO(**kw), two_layer_model, two_layer_guide, X)
+    theirs = param_grads(TraceGraph_ELBO(**kw), two_layer_model, two_layer_guide, X)
     assert_same(ours, theirs)
     # and it differs from Trace_ELBO, which uses the whole cost for both sites
     pyro.clear_param_store()
-    plain = grads_of(Trace_ELBO(**kw), two_layer_model, two_layer_guide, X)
+    plain = param_grads(Trace_ELBO(**kw), two_layer_model, two_layer_guide, X)
     assert not torch.allclose(ours[1]["ab"], plain[1]["ab"])
 
 
@@ -87,33 +74,6 @@ def test_loss_differentiable_loss_and_loss_and_grads_agree():
 
 
 # -- tier (c): unbiasedness against exact gradients ------------------------------------
-def exact_enum_grads(model, guide, *args):
-    """The exact gradient of -ELBO: the guide's discrete sites enumerated in parallel."""
-    elbo = TraceEnum_ELBO(max_plate_nesting=1)
-    _, grads = grads_of(elbo, model, config_enumerate(guide, "parallel"), *args)
-    return grads
-
-
-def sample_grads(elbo, model, guide, *args, num_draws, on_draw=None):
-    """``num_draws`` independent gradient draws at fixed parameters."""
-    draws = {}
-    for i in range(num_draws):
-        scale = on_draw() if on_draw else 1.0
-        _, g = grads_of(elbo, model, guide, *args, seed=1000 + i)
-        for k, v in g.items():
-            draws.setdefault(k, []).append(v * (scale if k != "w" else 1.0))
-    return {k: torch.stack(v) for k, v in draws.items()}
-
-
-def assert_unbiased(draws, exact, z=4.0):
-    """Each component within z standard errors of the exact value."""
-    for k in exact:
-        samples = draws[k]
-        mean = samples.mean(0)
-        se = samples.std(0) / math.sqrt(samples.shape[0])
-        assert ((mean - exact[k]).abs() <= z * se + 1e-6).all(), (k, mean, exact[k], se)
-
-
 def nvil(normalize=True):
     net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
     return NeuralBaseline(net, input=lambda x, *a, **k: x.unsqueeze(-1),
@@ -130,24 +90,24 @@ CONTROL_VARIATES = {
 
 @pytest.mark.parametrize("name", sorted(CONTROL_VARIATES))
 def test_unbiased_on_enumerable_model_with_data_plate(name):
-    exact = exact_enum_grads(bern_model, bern_guide, X)
+    exact = enum_grads(bern_model, bern_guide, X)
     pyro.clear_param_store()
     elbo = ScoreFunctionELBO(num_particles=20, control_variate=CONTROL_VARIATES[name]())
-    draws = sample_grads(elbo, bern_model, bern_guide, X, num_draws=150)
-    assert_unbiased(draws, exact)
+    draws = store_draws(elbo, bern_model, bern_guide, X, num_draws=150)
+    assert_unbiased(draws, exact, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["none", "leave_one_out", "moving_average"])
 def test_unbiased_with_subsampled_plate(name):
-    exact = exact_enum_grads(bern_model, bern_guide, X)  # the full-data gradient
+    exact = enum_grads(bern_model, bern_guide, X)  # the full-data gradient
     pyro.clear_param_store()
     elbo = ScoreFunctionELBO(num_particles=8, control_variate=CONTROL_VARIATES[name]())
-    draws = sample_grads(elbo, bern_model, bern_guide, X, 2, num_draws=400)
-    assert_unbiased(draws, exact)
+    draws = store_draws(elbo, bern_model, bern_guide, X, 2, num_draws=400)
+    assert_unbiased(draws, exact, atol=1e-6)
 
 
 def test_nvil_with_variance_normalization_is_unbiased_up_to_its_stated_scale():
-    exact = exact_enum_grads(bern_model, bern_guide, X)
+    exact = enum_grads(bern_model, bern_guide, X)
     pyro.clear_param_store()
     cv = nvil(normalize=True)
     elbo = ScoreFunctionELBO(num_particles=20, control_variate={"z": cv})
@@ -156,25 +116,26 @@ def test_nvil_with_variance_normalization_is_unbiased_up_to_its_stated_scale():
         v = (cv.variance / cv.weight).item() if cv.weight.item() > 0 else 1.0
         return max(1.0, math.sqrt(v))
 
-    draws = sample_grads(elbo, bern_model, bern_guide, X, num_draws=150, on_draw=scale)
+    draws = store_draws(elbo, bern_model, bern_guide, X, num_draws=150,
+                        factors=lambda: {"ab": scale()})
     assert cv.weight.item() > 0.9  # the statistics did move during the run
-    assert_unbiased(draws, exact)
+    assert_unbiased(draws, exact, atol=1e-6)
 
 
 def test_unbiased_on_two_layer_model():
-    exact = exact_enum_grads(two_layer_model, two_layer_guide, X)
+    exact = enum_grads(two_layer_model, two_layer_guide, X)
     pyro.clear_param_store()
     elbo = ScoreFunctionELBO(num_particles=20, control_variate=LeaveOneOutBaseline())
-    draws = sample_grads(elbo, two_layer_model, two_layer_guide, X, num_draws=150)
-    assert_unbiased(draws, exact)
+    draws = store_draws(elbo, two_layer_model, two_layer_guide, X, num_draws=150)
+    assert_unbiased(draws, exact, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(CONTROL_VARIATES))
 def test_unbiased_against_analytic_gaussian(name):
     x = X[:3]
     elbo = ScoreFunctionELBO(num_particles=20, control_variate=CONTROL_VARIATES[name]())
-    draws = sample_grads(elbo, gauss_model, gauss_guide, x, num_draws=150)
-    assert_unbiased(draws, gauss_exact_loss_grads(x))
+    draws = store_draws(elbo, gauss_model, gauss_guide, x, num_draws=150)
+    assert_unbiased(draws, gauss_exact_loss_grads(x), atol=1e-6)
 
 
 def test_force_score_function_matches_pathwise_in_expectation():
@@ -190,20 +151,20 @@ def test_force_score_function_matches_pathwise_in_expectation():
     exact = None
     for elbo in (pathwise, forced):
         pyro.clear_param_store()
-        draws = sample_grads(elbo, model, guide, x, num_draws=100)
+        draws = store_draws(elbo, model, guide, x, num_draws=100)
         exact = gauss_exact_loss_grads(x)
-        assert_unbiased(draws, exact)
+        assert_unbiased(draws, exact, atol=1e-6)
     # the pathwise estimator has the lower variance on this model
     pyro.clear_param_store()
-    v_path = sample_grads(pathwise, model, guide, x, num_draws=100)["loc"].var(0).sum()
+    v_path = store_draws(pathwise, model, guide, x, num_draws=100)["loc"].var(0).sum()
     pyro.clear_param_store()
-    v_score = sample_grads(forced, model, guide, x, num_draws=100)["loc"].var(0).sum()
+    v_score = store_draws(forced, model, guide, x, num_draws=100)["loc"].var(0).sum()
     assert v_path < v_score
 
 
 # -- tier (c): variance ------------------------------------------------------------------
 def guide_grad_variance(elbo, num_draws=300):
-    draws = sample_grads(elbo, offset_model, bern_guide, X, num_draws=num_draws)
+    draws = store_draws(elbo, offset_model, bern_guide, X, num_draws=num_draws)
     return draws["ab"].var(0).sum().item()
 
 
@@ -276,10 +237,10 @@ def test_tracegraph_baseline_declarations_work_unchanged():
     assert elbo.control_variates.get("z").average.beta == 0.95
     assert not torch.equal(net.weight, w0)  # trained by SVI as with TraceGraph_ELBO
     pyro.clear_param_store()
-    exact = exact_enum_grads(bern_model, bern_guide, X)
+    exact = enum_grads(bern_model, bern_guide, X)
     pyro.clear_param_store()
-    draws = sample_grads(elbo, bern_model, guide, X, num_draws=150)
-    assert_unbiased(draws, exact)
+    draws = store_draws(elbo, bern_model, guide, X, num_draws=150)
+    assert_unbiased(draws, exact, atol=1e-6)
 
 
 def test_resume_continues_exactly():
@@ -428,6 +389,6 @@ def test_autoguide_with_auxiliary_sites_equals_trace_elbo():
     guide = AutoNormal(model)
     guide(X)  # its lazy set-up draws random numbers
     kw = dict(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
-    ours = grads_of(ScoreFunctionELBO(**kw), model, guide, X)
-    theirs = grads_of(Trace_ELBO(**kw), model, guide, X)
+    ours = param_grads(ScoreFunctionELBO(**kw), model, guide, X)
+    theirs = param_grads(Trace_ELBO(**kw), model, guide, X)
     assert_same(ours, theirs)

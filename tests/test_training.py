@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent('''
     import pyro, torch
     from torch.utils.data import DataLoader, TensorDataset
     from pyro_wakesleep import MovingAverageBaseline, NeuralBaseline, ScoreFunctionELBO
-    from pyro_wakesleep.models import SigmoidBeliefNet
+    from pyro_wakesleep.examples.models import SigmoidBeliefNet
     from pyro_wakesleep.training import fit
 
     def build(interrupt_at=None):

@@ -9,16 +9,27 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
+from checks import (
+    assert_unbiased,
+    draws,
+    exact_iwae,
+    flat_grad,
+    param_grads,
+    params_of,
+    same_seed_losses,
+)
+from models import gauss_model
 from pyro.infer import SVI, RenyiELBO
 from pyro.optim import Adam
 from torch import nn
 
 from pyro_wakesleep.control_variates import MovingAverageBaseline, SiteContext
-from pyro_wakesleep.objectives.vimco import VimcoELBO, _score_log_q
+from pyro_wakesleep.objectives.vimco import VimcoELBO, score_log_q
 from pyro_wakesleep.signals import iwae_bound, vimco_baselines, vimco_surrogate
 
 D = 2  # latent units per datapoint
 XS = torch.tensor([-1.5, 0.4, 2.5])  # distinct datapoints
+Z_VALUES = {"z": list(torch.tensor(list(itertools.product([0.0, 1.0], repeat=D))))}
 
 
 # -- tier (a): pure functions ---------------------------------------------------------
@@ -56,7 +67,7 @@ def make_model():
         "mu": torch.tensor([-0.5, 1.5, 0.7]),
         "phi": torch.tensor([[0.2, 0.6], [-0.4, 0.3]]),
     }
-    params = [pyro.param(name, init).unconstrained() for name, init in inits.items()]
+    params = params_of(inits)
 
     def model(x, subsample_size=None):
         theta, mu = pyro.param("theta"), pyro.param("mu")
@@ -73,39 +84,6 @@ def make_model():
     return model, guide, params
 
 
-def log_densities(fn, x, z):
-    """Per-datapoint log-density of ``fn`` (summed over its sites) at latents ``z``."""
-    trace = poutine.trace(poutine.condition(fn, data={"z": z})).get_trace(x)
-    trace.compute_log_prob()
-    return sum(site["log_prob"] for site in trace.nodes.values() if site["type"] == "sample")
-
-
-def exact_iwae(model, guide, xs, k, alpha=0.0, sampler=None):
-    """E[(1/(1-alpha)) log (1/K) sum_k w_k^(1-alpha)] summed over ``xs``, by enumerating
-    every K-tuple of latent configurations (alpha = 0: the IWAE bound). With ``sampler``,
-    the draws come from it (e.g. the guide without its masks)."""
-    configs = torch.tensor(list(itertools.product([0.0, 1.0], repeat=D)))
-    tuples = torch.tensor(list(itertools.product(range(len(configs)), repeat=k)))
-    total = 0.0
-    for x in xs:
-        xx = x.expand(len(configs))
-        log_p, log_q = log_densities(model, xx, configs), log_densities(guide, xx, configs)
-        log_sampler = log_densities(sampler or guide, xx, configs)
-        lw = (1 - alpha) * (log_p - log_q)[tuples]
-        prob = log_sampler[tuples].sum(-1).exp()
-        total = total + (prob * (iwae_bound(lw, dim=-1) / (1 - alpha))).sum()
-    return total
-
-
-def draws(objective, model, guide, params, x, num_draws, seed=100):
-    out = []
-    for i in range(num_draws):
-        pyro.set_rng_seed(seed + i)
-        loss = objective.differentiable_loss(model, guide, x)
-        out.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(out)
-
-
 def renyi_draws(renyi, model, guide, params, x, num_draws, seed=100):
     """Pyro's RenyiELBO has no differentiable_loss: read what loss_and_grads accumulates."""
     out = []
@@ -120,25 +98,16 @@ def renyi_draws(renyi, model, guide, params, x, num_draws, seed=100):
     return torch.stack(out)
 
 
-def assert_unbiased(samples, exact, z=4.0):
-    mean = samples.mean(0)
-    se = samples.std(0) / math.sqrt(len(samples))
-    assert ((mean - exact).abs() <= z * se + 1e-5).all(), (mean, exact, se)
-
-
-def flat_grad(value, params):
-    return torch.cat([g.flatten() for g in torch.autograd.grad(value, params)])
-
-
 # -- tier (c): unbiasedness -----------------------------------------------------------
 @pytest.mark.parametrize("k,vectorize", [(2, True), (3, True), (3, False)])
 def test_unbiased_against_enumerated_iwae_gradient(k, vectorize):
     model, guide, params = make_model()
     copies = 400 if vectorize else 60
     x = XS.repeat(copies)
-    exact = -copies * flat_grad(exact_iwae(model, guide, XS, k), params)
-    samples = draws(VimcoELBO(k, vectorize_particles=vectorize), model, guide, params, x, 20)
-    assert_unbiased(samples, exact)
+    exact = -copies * flat_grad(exact_iwae(model, guide, XS, Z_VALUES, k), params)
+    elbo = VimcoELBO(k, vectorize_particles=vectorize)
+    samples = draws(elbo, model, guide, params, x, num_draws=20)
+    assert_unbiased(samples, exact, atol=1e-5)
     # the guide gradient is far from zero, so the check has power
     assert exact[-4:].abs().max() > 8 * (samples[:, -4:].std(0) / math.sqrt(20)).max()
 
@@ -146,13 +115,13 @@ def test_unbiased_against_enumerated_iwae_gradient(k, vectorize):
 def test_unbiased_with_subsampled_plate():
     model, guide, params = make_model()
     x = XS.repeat(200)
-    exact = -200 * flat_grad(exact_iwae(model, guide, XS, 3), params)
+    exact = -200 * flat_grad(exact_iwae(model, guide, XS, Z_VALUES, 3), params)
     elbo = VimcoELBO(3, max_plate_nesting=1)
     samples = torch.stack([
         flat_grad(elbo.differentiable_loss(model, guide, x, subsample_size=150), params)
         for _ in range(60)
     ])
-    assert_unbiased(samples, exact)
+    assert_unbiased(samples, exact, atol=1e-5)
 
 
 def test_masked_guide_site_is_still_a_sampler():
@@ -161,21 +130,21 @@ def test_masked_guide_site_is_still_a_sampler():
     model, guide, params = make_model()
     masked = poutine.mask(guide, mask=torch.tensor(False))
     x = XS.repeat(300)
-    exact = -300 * flat_grad(exact_iwae(model, masked, XS, 3, sampler=guide), params)
-    samples = draws(VimcoELBO(3), model, masked, params, x, 20)
-    assert_unbiased(samples, exact)
+    exact = -300 * flat_grad(exact_iwae(model, masked, XS, Z_VALUES, 3, sampler=guide), params)
+    samples = draws(VimcoELBO(3), model, masked, params, x, num_draws=20)
+    assert_unbiased(samples, exact, atol=1e-5)
     assert exact[-4:].abs().max() > 8 * (samples[:, -4:].std(0) / math.sqrt(20)).max()
 
 
 def test_pyro_renyi_alpha_zero_gives_zero_guide_gradient_where_vimco_is_exact():
     model, guide, params = make_model()
     x = XS[0:1]
-    exact = -flat_grad(exact_iwae(model, guide, x, 3), params)
+    exact = -flat_grad(exact_iwae(model, guide, x, Z_VALUES, 3), params)
     renyi = renyi_draws(RenyiELBO(alpha=0, num_particles=3, max_plate_nesting=1), model, guide,
                   params, x, 5)
     assert (renyi[:, -4:] == 0).all()  # phi: nothing flows to the discrete guide site
-    ours = draws(VimcoELBO(3), model, guide, params, x.repeat(300), 20) / 300
-    assert_unbiased(ours, exact)
+    ours = draws(VimcoELBO(3), model, guide, params, x.repeat(300), num_draws=20) / 300
+    assert_unbiased(ours, exact, atol=1e-5)
     se = ours.std(0) / math.sqrt(len(ours))
     assert (exact[-4:].abs() > 6 * se[-4:]).all()  # so zero is clearly not the answer
 
@@ -183,7 +152,7 @@ def test_pyro_renyi_alpha_zero_gives_zero_guide_gradient_where_vimco_is_exact():
 def test_pyro_renyi_alpha_half_is_biased_for_a_discrete_guide():
     model, guide, params = make_model()
     x = XS[0:1]
-    exact = -flat_grad(exact_iwae(model, guide, x, 2, alpha=0.5), params)[-4:]
+    exact = -flat_grad(exact_iwae(model, guide, x, Z_VALUES, 2, alpha=0.5), params)[-4:]
     renyi = renyi_draws(RenyiELBO(alpha=0.5, num_particles=2, max_plate_nesting=1), model, guide,
                   params, x, 200)[:, -4:]
     mean, se = renyi.mean(0), renyi.std(0) / math.sqrt(200)
@@ -191,27 +160,11 @@ def test_pyro_renyi_alpha_half_is_biased_for_a_discrete_guide():
 
 
 # -- tier (b): pathwise sites are IWAE, as Pyro's RenyiELBO(alpha=0) --------------------
-def gauss_model(x):
-    with pyro.plate("data", len(x)):
-        z = pyro.sample("z", dist.Normal(0.0, 1.0))
-        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
 def gauss_guide(x):
     loc = pyro.param("loc", torch.tensor(0.3))
     scale = pyro.param("scale", torch.tensor(0.8), constraint=dist.constraints.positive)
     with pyro.plate("data", len(x)):
         pyro.sample("z", dist.Normal(loc + 0.5 * x, scale))
-
-
-def param_grads(objective, model, guide, *args, seed=0):
-    pyro.set_rng_seed(seed)
-    loss = objective.loss_and_grads(model, guide, *args)
-    store = pyro.get_param_store()
-    out = {k: store[k].unconstrained().grad.clone() for k in sorted(store.keys())}
-    for k in store:
-        store[k].unconstrained().grad = None
-    return loss, out
 
 
 def test_reparameterized_guide_equals_pyro_iwae_on_one_datapoint():
@@ -233,12 +186,12 @@ class MovingAverageIWAE(VimcoELBO):
         super().__init__(num_particles, max_plate_nesting=1)
         self.baseline = MovingAverageBaseline(0.9)
 
-    def _loss_and_surrogate(self, model, guide, args, kwargs, update):
-        from pyro_wakesleep.objectives._traces import log_weights
+    def loss_and_surrogate(self, model, guide, args, kwargs, update):
+        from pyro_wakesleep.particles import log_weights
 
-        particles = self._particles(model, guide, args, kwargs)
+        particles = self.particles(model, guide, args, kwargs)
         weights = log_weights(particles)
-        log_q = _score_log_q(particles, weights.plate_dims, weights.value)
+        log_q = score_log_q(particles, weights.plate_dims)
         bound = iwae_bound(weights.value)
         context = SiteContext("z", {}, args, kwargs, 0, update)
         advantage = self.baseline(bound.detach().unsqueeze(0), context).value
@@ -252,8 +205,8 @@ def test_variance_below_moving_average_baseline_on_the_same_bound():
     ma = MovingAverageIWAE(5)
     for _ in range(30):  # warm the moving average up
         ma.differentiable_loss(model, guide, x)
-    ours = draws(VimcoELBO(5), model, guide, params, x, 40)[:, -4:]
-    theirs = draws(ma, model, guide, params, x, 40)[:, -4:]
+    ours = draws(VimcoELBO(5), model, guide, params, x, num_draws=40)[:, -4:]
+    theirs = draws(ma, model, guide, params, x, num_draws=40)[:, -4:]
     ratio = theirs.var(0).sum() / ours.var(0).sum()
     assert ratio > 3.0, ratio
 
@@ -262,10 +215,8 @@ def test_variance_below_moving_average_baseline_on_the_same_bound():
 def test_loss_differentiable_loss_and_loss_and_grads_agree():
     model, guide, _ = make_model()
     elbo = VimcoELBO(4)
-    values = []
-    for method in (elbo.loss, elbo.differentiable_loss, elbo.loss_and_grads):
-        pyro.set_rng_seed(7)
-        values.append(float(torch.as_tensor(method(model, guide, XS)).detach()))
+    values = [float(torch.as_tensor(v).detach())
+              for v in same_seed_losses(elbo, model, guide, XS, seed=7)]
     assert values[0] == pytest.approx(values[1]) == pytest.approx(values[2])
 
 

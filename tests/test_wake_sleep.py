@@ -16,12 +16,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from checks import assert_within, mean_and_se
 from pyro.infer import SVI
 from pyro.infer import ReweightedWakeSleep as PyroRWS
 from torch import Tensor, nn
 
-from pyro_wakesleep.mixture import GaussianMixture
-from pyro_wakesleep.models import SigmoidBeliefNet
+from pyro_wakesleep.examples.mixture import GaussianMixture
+from pyro_wakesleep.examples.models import SigmoidBeliefNet
 from pyro_wakesleep.objectives.wake_sleep import ReweightedWakeSleepELBO, WakeSleepELBO
 
 Z = 4.5
@@ -103,12 +104,7 @@ def estimates(objective, tiny: Tiny, calls: int, *args_fn) -> tuple[Tensor, Tens
         tiny.zero_grad()
         objective.loss_and_grads(tiny.model, tiny.guide, *args)
         out.append(torch.cat([tiny.gen.theta.grad.clone(), tiny.rec.phi.grad.clone()]))
-    return torch.stack(out).mean(0), torch.stack(out).std(0) / math.sqrt(calls)
-
-
-def assert_within(mean: Tensor, se: Tensor, exact: Tensor) -> None:
-    assert torch.all(se > 0), se
-    assert torch.all((mean - exact).abs() <= Z * se), (mean, exact, se)
+    return mean_and_se(torch.stack(out))
 
 
 X01 = torch.tensor([0.0, 1.0]).repeat(40)  # 40 datapoints of each value
@@ -128,7 +124,7 @@ def test_rws_expected_gradient_is_exact(vectorize: bool, insomnia: float) -> Non
     sleep_phi = len(X01) * tiny.exact_sleep()
     exact_theta = -n * (theta0 + theta1)
     exact_phi = -(insomnia * wake_phi + (1 - insomnia) * sleep_phi)
-    assert_within(mean, se, torch.cat([exact_theta, exact_phi]))
+    assert_within(mean, se, torch.cat([exact_theta, exact_phi]), Z, positive_se=True)
 
 
 def test_ws_expected_gradient_is_exact() -> None:
@@ -138,7 +134,7 @@ def test_ws_expected_gradient_is_exact() -> None:
     n = len(X01) / 2
     exact_theta = -n * (tiny.exact_wake_theta(0.0) + tiny.exact_wake_theta(1.0))
     exact_phi = -len(X01) * tiny.exact_sleep()
-    assert_within(mean, se, torch.cat([exact_theta, exact_phi]))
+    assert_within(mean, se, torch.cat([exact_theta, exact_phi]), Z, positive_se=True)
 
 
 def test_minibatch_gradient_is_unbiased_for_full_data() -> None:
@@ -172,8 +168,7 @@ def test_minibatch_gradient_is_unbiased_for_full_data() -> None:
         objective.loss_and_grads(tiny.model, tiny.guide, full[idx], idx, n)
         grad = torch.cat([tiny.gen.theta.grad, tiny.rec.phi.grad])
         residuals.append(grad - conditional(idx))
-    stacked = torch.stack(residuals)
-    assert_within(stacked.mean(0), stacked.std(0) / math.sqrt(len(stacked)), torch.zeros(5))
+    assert_within(*mean_and_se(torch.stack(residuals)), torch.zeros(5), Z, positive_se=True)
 
 
 def test_weights_are_per_datapoint() -> None:
@@ -185,8 +180,8 @@ def test_weights_are_per_datapoint() -> None:
     pyro.set_rng_seed(3)
     loss = objective.differentiable_loss(tiny.model, tiny.guide, x)
     pyro.set_rng_seed(3)
-    particles = objective._particles(tiny.model, tiny.guide, (x,), {}, detach_guide=True)
-    model_trace, guide_trace = particles.pairs[0]
+    particles = objective.particles(tiny.model, tiny.guide, (x,), {}, detach_guide=True)
+    model_trace, guide_trace = particles.traces[0]
     log_w = (model_trace.nodes["z"]["log_prob"] + model_trace.nodes["x"]["log_prob"]
              - guide_trace.nodes["z"]["log_prob"])
     per_datapoint = torch.logsumexp(log_w, 0) - math.log(4)

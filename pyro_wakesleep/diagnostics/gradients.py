@@ -30,12 +30,13 @@ from pyro.infer import ELBO
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
-from pyro_wakesleep.diagnostics._guard import TrainingStateGuard
-from pyro_wakesleep.diagnostics._stats import EstimatorComparison, GradientStats, Moments
-from pyro_wakesleep.objectives._base import Objective
-from pyro_wakesleep.objectives._traces import guess_max_plate_nesting
+from pyro_wakesleep._validation import check_int
+from pyro_wakesleep.diagnostics.guard import TrainingStateGuard
+from pyro_wakesleep.diagnostics.results import EstimatorComparison, GradientStats, Moments
+from pyro_wakesleep.objectives.base import Objective
+from pyro_wakesleep.traces import guess_max_plate_nesting
 
-__all__ = ["EstimatorComparison", "GradientStats", "compare_estimators", "gradient_stats"]
+__all__ = ["compare_estimators", "gradient_stats"]
 
 _PLATE = "_gradient_draws"
 _METHODS = ("auto", "batched", "sequential")
@@ -92,12 +93,10 @@ def gradient_stats(
     """
     if not isinstance(loss, ELBO):
         raise TypeError(f"loss must be a pyro.infer.ELBO, got {loss!r}")
-    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 2:
-        raise ValueError(f"num_draws must be an int >= 2, got {num_draws!r}")
+    check_int(num_draws, "num_draws", 2)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int(batch_size, "batch_size")
     with TrainingStateGuard(loss) as guard:
         groups = _warm_up(model, guide, loss, args, kwargs)
         params = _select(groups, only)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pyro_wakesleep.diagnostics.backend import container
+
 __all__ = ["History"]
 
 
@@ -105,16 +107,7 @@ class History:
         """The history as the group ``training`` of the installed ArviZ's data structure
         (:class:`arviz.InferenceData` or :class:`xarray.DataTree`), to keep or merge with
         the result of :func:`~pyro_wakesleep.diagnostics.to_arviz`."""
-        from pyro_wakesleep.diagnostics.arviz import arviz_backend
-
-        dataset = self.to_xarray()
-        if arviz_backend() == "classic":
-            import arviz as az
-
-            return az.InferenceData(training=dataset)
-        import xarray as xr
-
-        return xr.DataTree.from_dict({"/training": dataset})
+        return container({"training": self.to_xarray()})
 
     def plot(self, figsize: tuple[float, float] = (10.0, 4.0)) -> Any:
         """A :class:`matplotlib.figure.Figure`: loss and validation per step, and the

@@ -13,122 +13,18 @@ did it work?": :math:`\\hat k < 0.5` good, :math:`0.5 \\le \\hat k \\le 0.7` usa
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.ops.stats import fit_generalized_pareto
-from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from pyro_wakesleep.objectives._traces import (
-    canonical,
-    guess_max_plate_nesting,
-    is_sample,
-    latent_sites,
-    sample_sites,
-)
+from pyro_wakesleep.diagnostics.backend import arviz_backend, as_chain_draw
+from pyro_wakesleep.diagnostics.draws import draw_guide
 
 __all__ = ["log_importance_weights", "psis_khat", "variational_loo"]
-
-#: name of the plate that carries the draws of the diagnostics
-DRAW_PLATE = "_diagnostic_draws"
-
-
-class Draws(NamedTuple):
-    """``S`` guide draws in one vectorized pass (internal to the diagnostics).
-
-    :param Trace model_trace: the model replayed against the guide's draws.
-    :param Trace guide_trace: the guide's trace; every tensor carries the draw plate at
-        ``dim=-(max_plate_nesting + 1)``.
-    :param torch.Tensor log_p: ``log p(x, z_s)`` of each draw, shape ``(S,)``.
-    :param torch.Tensor log_q: ``log q(z_s | x)`` of each draw, shape ``(S,)``.
-    :param int max_plate_nesting: the model's plate nesting (without the draw plate).
-    """
-
-    model_trace: Trace
-    guide_trace: Trace
-    log_p: Tensor
-    log_q: Tensor
-    max_plate_nesting: int
-
-
-def check_num_samples(num_samples: Any, name: str = "num_samples") -> int:
-    """Returns ``num_samples`` as an int, or raises if it is not an integer >= 1."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {num_samples!r}")
-    if num_samples < 1:
-        raise ValueError(f"{name} must be >= 1, got {num_samples}")
-    return int(num_samples)
-
-
-def per_draw(trace: Trace, names: list[str], nesting: int, num: int, what: str) -> Tensor:
-    """Sum of the (scaled) log-densities of ``names`` per draw, shape ``(num,)``; raises
-    ``ValueError`` naming the first site whose log-density is non-finite in some draw."""
-    total = torch.zeros(num, dtype=torch.float64)
-    for name in names:
-        value = canonical(trace.nodes[name]["log_prob"], nesting, True, name)
-        value = value.reshape(value.shape[0], -1).sum(-1).expand(num)
-        bad = ~torch.isfinite(value)
-        if bool(bad.any()):
-            raise ValueError(
-                f"non-finite log importance weights: the {what} log-density of site "
-                f"'{name}' is non-finite in {int(bad.sum())} of {num} draws; check the "
-                "site's support and the guide's draws"
-            )
-        total = total + value.double()
-    return total
-
-
-def check_coverage(model_trace: Trace, guide_trace: Trace) -> None:
-    """Raises ``ValueError`` naming the sites where model and guide disagree (auxiliary
-    guide sites, ``infer={"is_auxiliary": True}`` as in autoguides, need no model site)."""
-    for name in latent_sites(guide_trace):
-        node = model_trace.nodes.get(name)
-        infer: Any = guide_trace.nodes[name]["infer"]
-        if node is None and infer.get("is_auxiliary"):
-            continue
-        if node is None or not is_sample(node):
-            raise ValueError(f"guide site '{name}' does not appear in the model")
-        if node["is_observed"]:
-            raise ValueError(f"site '{name}' is observed in the model but sampled by the guide")
-    missing = [n for n in latent_sites(model_trace) if n not in guide_trace.nodes]
-    if missing:
-        raise ValueError(
-            f"model latent site(s) {missing} have no guide site; the guide must sample "
-            "every latent of the model"
-        )
-
-
-def draw_guide(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict, num_samples: int,
-    max_plate_nesting: int | None,
-) -> Draws:
-    """Draws ``num_samples`` from the guide in one vectorized pass and replays the model
-    against them (no gradients). Raises ``ValueError`` if the guide does not cover a
-    latent of the model or a log-weight is non-finite."""
-    num = check_num_samples(num_samples)
-    with torch.no_grad():
-        nesting = (
-            guess_max_plate_nesting(model, guide, args, kwargs)
-            if max_plate_nesting is None else int(max_plate_nesting)
-        )
-        plate = pyro.plate(DRAW_PLATE, num, dim=-(nesting + 1))
-        guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-        check_coverage(model_trace, guide_trace)
-        for trace in (model_trace, guide_trace):
-            trace.compute_log_prob(lambda _, site: not site_is_subsample(site))
-        log_p = per_draw(model_trace, sample_sites(model_trace), nesting, num, "model")
-        log_q = per_draw(guide_trace, latent_sites(guide_trace), nesting, num, "guide")
-    return Draws(model_trace, guide_trace, log_p, log_q, nesting)
 
 
 def log_importance_weights(
@@ -162,7 +58,7 @@ def _as_log_weights(log_weights: Any) -> Tensor:
         except KeyError as err:
             raise ValueError(
                 "the ArviZ data has no sample_stats.log_weight; build it with "
-                "pyro_wakesleep.diagnostics.to_arviz(model, guide, ...)"
+                "pyro_wakesleep.diagnostics.from_guide(model, guide, ...)"
             ) from err
     value = torch.as_tensor(np.asarray(log_weights, dtype=np.float64))
     if value.numel() == 0:
@@ -205,6 +101,7 @@ def psis_khat(log_weights: Any, dim: int = -1) -> float | Tensor:
     :param log_weights: log importance weights :math:`\\log p(x, z_s) - \\log q(z_s)`: a
         tensor or array (draws along ``dim``; other dims are a batch of independent
         sets), e.g. from :func:`log_importance_weights`, or the result of
+        :func:`~pyro_wakesleep.diagnostics.from_guide` /
         :func:`~pyro_wakesleep.diagnostics.to_arviz` (its ``sample_stats.log_weight``).
     :param int dim: the dimension that indexes draws.
     :return: :math:`\\hat k` (a float for 1-D input, else a tensor of the batch shape;
@@ -233,26 +130,29 @@ def variational_loo(data: Any, var_name: str | None = None, pointwise: bool = Tr
     the same computation with ``arviz.psislw``, returned as the ``ELPDData`` of
     ``arviz.loo`` (so ``arviz.compare`` accepts it).
 
-    :param data: the result of :func:`~pyro_wakesleep.diagnostics.to_arviz` for a
-        model and guide (it needs ``log_likelihood`` and ``sample_stats.log_p/log_q``).
+    :param data: the result of :func:`~pyro_wakesleep.diagnostics.from_guide` (or
+        :func:`~pyro_wakesleep.diagnostics.to_arviz` of a model and guide): it needs
+        ``log_likelihood`` and ``sample_stats.log_p/log_q``; its draws may be along
+        ``(chain, draw)`` or ``sample``.
     :param str var_name: the observed site to use if the model has several.
     :param bool pointwise: keep the pointwise ``elpd_i`` / ``loo_i`` and ``pareto_k``.
     :return: ArviZ's ``ELPDData``.
     """
-    from pyro_wakesleep.diagnostics.arviz import arviz_backend
-
     try:
         log_p, log_q = data["sample_stats"]["log_p"], data["sample_stats"]["log_q"]
     except KeyError as err:
         raise ValueError(
             "variational_loo needs sample_stats.log_p and log_q: build the data with "
-            "pyro_wakesleep.diagnostics.to_arviz(model, guide, ...)"
+            "pyro_wakesleep.diagnostics.from_guide(model, guide, ...)"
         ) from err
+    data = as_chain_draw(data)  # ArviZ's LOO reads (chain, draw) only
     if arviz_backend() == "datatree":
         import arviz_stats
 
+        stats = data["sample_stats"]
         return arviz_stats.loo_approximate_posterior(
-            data, log_p=log_p, log_q=log_q, var_name=var_name, pointwise=pointwise
+            data, log_p=stats["log_p"], log_q=stats["log_q"], var_name=var_name,
+            pointwise=pointwise
         )
     return _classic_loo(data, np.asarray(log_p - log_q).reshape(-1), var_name, pointwise)
 

@@ -1,7 +1,7 @@
 """Inference objectives: each is a :class:`pyro.infer.ELBO` usable with
 :class:`pyro.infer.SVI` or, through ``objective(model, guide)``, with plain PyTorch."""
 
-from pyro_wakesleep.objectives._base import Objective, ObjectiveModule
+from pyro_wakesleep.objectives.base import Objective, ObjectiveModule
 from pyro_wakesleep.objectives.disarm import DisarmELBO
 from pyro_wakesleep.objectives.score_function import ScoreFunctionELBO
 from pyro_wakesleep.objectives.vimco import VimcoELBO

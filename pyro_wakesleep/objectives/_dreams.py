@@ -23,7 +23,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.util import check_site_shape
 from torch import Tensor
 
-from pyro_wakesleep.objectives._traces import is_sample, latent_sites
+from pyro_wakesleep.traces import is_sample, latent_sites
 
 DREAM_PLATE = "num_sleep_particles_vectorized"
 _ADVICE = (

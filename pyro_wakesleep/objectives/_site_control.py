@@ -1,8 +1,7 @@
 """How an objective holds its control variates: one per guide site.
 
-Validation of the ``control_variate`` argument, the per-site container whose
-``state_dict`` an objective exposes, and the adapter for sites that declare Pyro's
-``TraceGraph_ELBO`` baseline options. Private to :mod:`pyro_wakesleep.objectives`.
+Validation of the ``control_variate`` argument and the per-site container whose
+``state_dict`` an objective exposes. Private to :mod:`pyro_wakesleep.objectives`.
 """
 
 from __future__ import annotations
@@ -13,57 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pyro_wakesleep.control_variates import (
-    Advantage,
-    ControlVariate,
-    MovingAverageBaseline,
-    SiteContext,
-    _detach,
-    _fit_baseline_shape,
-    _zero,
-)
-
-
-class TraceGraphBaseline(ControlVariate):
-    """Adapter for sites that declare ``infer={"baseline": {...}}`` as for Pyro's
-    ``TraceGraph_ELBO``: ``use_decaying_avg_baseline``/``baseline_beta`` become a
-    :class:`MovingAverageBaseline` (kept as the submodule ``average``), and
-    ``nn_baseline``/``nn_baseline_input`` or ``baseline_value`` are added to it and
-    regressed on the signal. As with ``TraceGraph_ELBO``, a user ``nn_baseline`` must be
-    registered by the user (``pyro.module``) to be trained by ``SVI``.
-    """
-
-    _KEYS = frozenset(
-        {"use_decaying_avg_baseline", "baseline_beta", "nn_baseline", "nn_baseline_input",
-         "baseline_value"}
-    )
-
-    def __init__(self, options: Mapping[str, Any], site: str) -> None:
-        super().__init__()
-        unknown = set(options) - self._KEYS
-        if unknown:
-            raise ValueError(f"site '{site}' declares unknown baseline options {sorted(unknown)}")
-        self.average = (
-            MovingAverageBaseline(options.get("baseline_beta", 0.9))
-            if options.get("use_decaying_avg_baseline", False)
-            else None
-        )
-
-    def forward(self, signal: Tensor, context: SiteContext) -> Advantage:
-        options = context.guide_site["infer"].get("baseline", {})
-        advantage = self.average(signal, context).value if self.average else signal
-        baseline: Tensor | None = None
-        if options.get("nn_baseline") is not None:
-            x = options.get("nn_baseline_input")
-            baseline = options["nn_baseline"](_detach(x))
-        elif options.get("baseline_value") is not None:
-            baseline = options["baseline_value"]
-        if baseline is None:
-            return Advantage(advantage, _zero(signal))
-        baseline = _fit_baseline_shape(baseline, signal, context)
-        loss = (advantage - baseline).pow(2).sum() / signal.shape[context.particle_dim]
-        return Advantage(advantage - baseline.detach(), loss)
-
+from pyro_wakesleep.control_variates import ControlVariate
 
 ControlVariateSpec = ControlVariate | Mapping[str, ControlVariate | None] | None
 

@@ -13,6 +13,7 @@ from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 from torch.distributions import Bernoulli, Categorical, Independent, OneHotCategorical
 
+from pyro_wakesleep._validation import check_finite
 from pyro_wakesleep.antithetic import (
     antithetic_value,
     arm_gradient,
@@ -22,14 +23,14 @@ from pyro_wakesleep.antithetic import (
     stick_breaking_noise,
     stick_breaking_value,
 )
-from pyro_wakesleep.objectives._base import Objective
-from pyro_wakesleep.objectives._traces import (
+from pyro_wakesleep.downstream import learning_signals
+from pyro_wakesleep.objectives.base import Objective
+from pyro_wakesleep.particles import (
     Particles,
-    TracePair,
-    latent_sites,
-    learning_signals,
+    SiteTensors,
+    log_guide,
+    log_joint,
     run_particles,
-    sample_sites,
 )
 
 __all__ = ["DisarmELBO"]
@@ -126,40 +127,50 @@ class DisarmELBO(Objective):
             raise ValueError(f"estimator must be 'disarm' or 'arm', got {estimator!r}")
         self.estimator: Estimator = estimator
 
-    def _loss_and_surrogate(
+    def loss_and_surrogate(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
     ) -> tuple[Tensor, Tensor]:
-        main = self._particles(model, guide, args, kwargs)
-        elbo: Tensor | float = 0.0
-        surrogate: Tensor | float = 0.0
-        for model_trace, guide_trace in main.pairs:
-            views = {}
-            for name in latent_sites(guide_trace):
-                view = _binary_view(name, guide_trace.nodes[name])
-                if view is not None:
-                    views[name] = view
-            signals = learning_signals(model_trace, guide_trace, list(views), main)
-            runs = [(model_trace, guide_trace)]
-            for name, view in views.items():
-                anti = self._antithetic(model, guide, args, kwargs, main, guide_trace, name, view)
-                f_anti = learning_signals(*anti.pairs[0], [name], anti)[name]
-                g = self._gradient(name, signals[name], f_anti, view)
-                surrogate = surrogate + (g * view.logits).sum()
-                runs.append(anti.pairs[0])
-            values = [_pathwise(pair) for pair in runs]
-            elbo = elbo + sum(v[0] for v in values) / len(runs)
-            surrogate = surrogate + sum(v[1] for v in values) / len(runs)
+        elbo = surrogate = torch.zeros(())
+        for main in self.runs(model, guide, args, kwargs):
+            group_elbo, group_surrogate = self._group(model, guide, args, kwargs, main)
+            elbo, surrogate = elbo + group_elbo, surrogate + group_surrogate
         k = self.num_particles
-        return -torch.as_tensor(elbo).detach() / k, -torch.as_tensor(surrogate) / k
+        return -elbo.detach() / k, -surrogate / k
+
+    def _group(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, main: Particles
+    ) -> tuple[Tensor, Tensor]:
+        """The ELBO and surrogate of one run (all particles if vectorized, else one) with
+        the antithetic runs of its discrete sites."""
+        views = {}
+        for name in main.guide_latents:
+            view = _binary_view(name, main.sites[name].node)
+            if view is not None:
+                views[name] = view
+        signals = learning_signals(main, list(views))
+        runs = [main]
+        surrogate = torch.zeros(())
+        for name, view in views.items():
+            anti = self._antithetic(model, guide, args, kwargs, main, name, view)
+            f_anti = learning_signals(anti, [name])[name]
+            g = self._gradient(name, signals[name], f_anti, view)
+            surrogate = surrogate + (g * view.logits).sum()
+            runs.append(anti)
+        for run in runs:
+            log_p = log_joint(run)
+            surrogate = surrogate + (log_p - log_guide(run, _reparameterized)) / len(runs)
+        elbo = sum((log_joint(run) - log_guide(run) for run in runs), torch.zeros(()))
+        return elbo / len(runs), surrogate
 
     def _antithetic(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, main: Particles,
-        guide_trace: Trace, site: str, view: _Binary,
+        site: str, view: _Binary,
     ) -> Particles:
         """Guide and model run again with the sites before ``site`` (and any plate
-        subsamples) replayed from ``guide_trace`` and the antithetic draw at ``site``."""
+        subsamples) replayed from ``main``'s guide trace and the antithetic draw at
+        ``site``."""
         partial = Trace()
-        nodes: Mapping[str, Mapping[str, Any]] = guide_trace.nodes
+        nodes: Mapping[str, Mapping[str, Any]] = main.traces[0][1].nodes
         for name, node in nodes.items():
             if node["type"] != "sample" or node["is_observed"]:
                 continue
@@ -169,17 +180,13 @@ class DisarmELBO(Objective):
                 break
         return run_particles(
             model, poutine.replay(guide, trace=partial), args, kwargs,
-            num_particles=self.num_particles if main.vectorized else 1,
-            vectorize=main.vectorized, max_plate_nesting=main.max_plate_nesting,
+            num_particles=main.num_particles, vectorize=main.vectorized,
+            max_plate_nesting=main.max_plate_nesting,
         )
 
     def _gradient(self, name: str, f: Tensor, f_anti: Tensor, view: _Binary) -> Tensor:
         for signal in (f, f_anti):
-            if not bool(torch.isfinite(signal).all()):
-                raise ValueError(
-                    f"non-finite learning signal at site '{name}'; check the model's "
-                    "log-densities at the guide's draws"
-                )
+            check_finite(signal, f"learning signal at site '{name}'")
         shape = (1,) * view.trailing
         f, f_anti = f.reshape(f.shape + shape), f_anti.reshape(f_anti.shape + shape)
         if self.estimator == "arm":
@@ -191,20 +198,10 @@ class DisarmELBO(Objective):
         return g.detach()
 
 
-def _pathwise(pair: TracePair) -> tuple[Tensor, Tensor]:
-    """A run's ELBO and its pathwise surrogate (discrete sites' :math:`\\log q` left out:
-    its expected gradient is zero)."""
-    model_trace, guide_trace = pair
-    elbo = surrogate = torch.zeros(())
-    for name in sample_sites(model_trace):
-        term = model_trace.nodes[name]["log_prob_sum"]
-        elbo, surrogate = elbo + term, surrogate + term
-    for name in latent_sites(guide_trace):
-        node: Mapping[str, Any] = guide_trace.nodes[name]
-        elbo = elbo - node["log_prob_sum"]
-        if node["fn"].has_rsample:
-            surrogate = surrogate - node["log_prob_sum"]
-    return elbo, surrogate
+def _reparameterized(site: SiteTensors) -> bool:
+    """Whether a guide site's gradient is pathwise (discrete sites' :math:`\\log q` is
+    left out of the surrogate: its expected gradient is zero)."""
+    return bool(site.node["fn"].has_rsample)
 
 
 def _binary_view(name: str, node: Mapping[str, Any]) -> _Binary | None:

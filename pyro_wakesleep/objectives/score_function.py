@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import pyro
-import torch
 from torch import Tensor
 
-from pyro_wakesleep.control_variates import ControlVariate, SiteContext
-from pyro_wakesleep.objectives._base import Objective
+from pyro_wakesleep._validation import check_finite
+from pyro_wakesleep.control_variates import ControlVariate, SiteContext, TraceGraphBaseline
+from pyro_wakesleep.downstream import learning_signals
 from pyro_wakesleep.objectives._site_control import (
     ControlVariateSpec,
-    TraceGraphBaseline,
     check_spec,
     instantiate,
 )
-from pyro_wakesleep.objectives._traces import (
-    latent_sites,
-    learning_signals,
-    sample_sites,
-)
+from pyro_wakesleep.objectives.base import Objective
+from pyro_wakesleep.particles import log_guide, log_joint
 
 __all__ = ["ScoreFunctionELBO"]
 
@@ -121,65 +116,36 @@ class ScoreFunctionELBO(Objective):
                 )
         self._checked = True
 
-    def _loss_and_surrogate(
+    def loss_and_surrogate(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
     ) -> tuple[Tensor, Tensor]:
-        particles = self._particles(
+        particles = self.particles(
             model, guide, args, kwargs, detach_guide=self.force_score_function
         )
-        elbo: Tensor | float = 0.0
-        surrogate: Tensor | float = 0.0
-        signals: dict[str, list[Tensor]] = defaultdict(list)
-        scores: dict[str, list[Tensor]] = defaultdict(list)
-        nodes: dict[str, Mapping[str, Any]] = {}
-        for model_trace, guide_trace in particles.pairs:
-            for name in sample_sites(model_trace):
-                elbo = elbo + model_trace.nodes[name]["log_prob_sum"]
-                surrogate = surrogate + model_trace.nodes[name]["log_prob_sum"]
-            score_sites = []
-            for name in latent_sites(guide_trace):
-                node = nodes[name] = guide_trace.nodes[name]
-                elbo = elbo - node["log_prob_sum"]
-                if self._is_score_site(node):
-                    score_sites.append(name)
-                    scores[name].append(particles.canonical(node["unscaled_log_prob"], name))
-                else:
-                    surrogate = surrogate - node["log_prob_sum"]
-            for name, signal in learning_signals(
-                model_trace, guide_trace, score_sites, particles
-            ).items():
-                signals[name].append(signal)
+        nodes = {name: particles.sites[name].node for name in particles.guide_latents}
         if not self._checked:
             self._check_sites(nodes)
-        stacked = {name: _stack(name, signals[name], scores[name]) for name in signals}
-        for name, (signal, _) in stacked.items():
-            if not bool(torch.isfinite(signal).all()):
-                raise ValueError(
-                    f"non-finite learning signal at site '{name}' "
-                    f"({int((~torch.isfinite(signal)).sum())} of {signal.numel()} elements); "
-                    "check the model's log-densities at the guide's draws"
-                )
+        score_sites = [name for name, node in nodes.items() if self._is_score_site(node)]
+        signals = learning_signals(particles, score_sites)
+        for name, signal in signals.items():
+            check_finite(signal, f"learning signal at site '{name}'")
+        log_p = log_joint(particles)
+        elbo = log_p - log_guide(particles)
+        surrogate = log_p - log_guide(particles, lambda site: site.name not in signals)
         extra: Tensor | float = 0.0
-        for name, (signal, score) in stacked.items():
-            cv = self._control_variate(name, nodes[name])
+        for name, signal in signals.items():
+            site = particles.sites[name]
+            score = cast(Tensor, site.score)  # a guide latent always has one
+            if not bool(site.present.all()):  # a site of only some particles: those
+                signal, score = signal[site.present], score[site.present]
+            cv = self._control_variate(name, site.node)
             if cv is not None:
                 if not isinstance(cv, TraceGraphBaseline) and any(True for _ in cv.parameters()):
                     # the param store is authoritative, so a restored store reaches the module
                     pyro.module(f"control_variates.{name}", cv, update_module_params=True)
-                context = SiteContext(name, nodes[name], args, kwargs, 0, update)
+                context = SiteContext(name, site.node, args, kwargs, 0, update)
                 signal, cv_loss = cv(signal, context)
                 extra = extra + cv_loss
             surrogate = surrogate + (signal.detach() * score).sum()
         k = self.num_particles
-        return -torch.as_tensor(elbo).detach() / k, -torch.as_tensor(surrogate) / k + extra
-
-
-def _stack(site: str, signals: list[Tensor], scores: list[Tensor]) -> tuple[Tensor, Tensor]:
-    shapes = {tuple(s.shape) for s in scores}
-    if len(shapes) > 1:
-        raise ValueError(
-            f"site '{site}' has different batch shapes {sorted(shapes)} across particles; "
-            "sequential particles must give a site the same shape each time"
-        )
-    signal = torch.cat([f.expand_as(g) for f, g in zip(signals, scores, strict=True)])
-    return signal, torch.cat(scores)
+        return -elbo.detach() / k, -surrogate / k + extra

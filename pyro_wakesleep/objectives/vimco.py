@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from pyro_wakesleep.objectives._base import Objective
-from pyro_wakesleep.objectives._traces import (
-    Particles,
-    latent_sites,
-    log_weights,
-)
+from pyro_wakesleep._validation import check_finite
+from pyro_wakesleep.objectives.base import Objective
+from pyro_wakesleep.particles import Particles, log_weights
 from pyro_wakesleep.signals import reduce_to_dims, vimco_surrogate
 
 __all__ = ["VimcoELBO"]
@@ -60,7 +56,7 @@ class VimcoELBO(Objective):
     comparable with the other objectives' losses only as a bound on :math:`-\\log p(x)`.
 
     Weights are formed per element of the plates that all sample sites are in (see
-    :func:`~pyro_wakesleep.objectives._traces.log_weights`): a model whose latents are
+    :func:`~pyro_wakesleep.traces.log_weights`): a model whose latents are
     all local to a data plate gets one bound per datapoint and may be subsampled; a
     global latent makes the weights joint over the batch. There is no running state,
     so ``state_dict()`` is empty.
@@ -87,39 +83,31 @@ class VimcoELBO(Objective):
                 f"num_particles={self.num_particles}"
             )
 
-    def _loss_and_surrogate(
+    def loss_and_surrogate(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
     ) -> tuple[Tensor, Tensor]:
-        particles = self._particles(model, guide, args, kwargs)
+        particles = self.particles(model, guide, args, kwargs)
         weights = log_weights(particles)
-        value = weights.value
-        if not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise ValueError(
-                f"VimcoELBO: {bad} of {value.numel()} log importance weights are not finite; "
-                "check the model's log-densities at the guide's draws"
-            )
-        log_q = _score_log_q(particles, weights.plate_dims, value)
-        surrogate = vimco_surrogate(value, log_q, dim=0)
+        check_finite(weights.value, "log importance weights (VimcoELBO)")
+        log_q = score_log_q(particles, weights.plate_dims)
+        surrogate = vimco_surrogate(weights.value, log_q, dim=0)
         bound = surrogate.detach()
         scale = weights.scale
         return -scale * bound.sum(), -scale * surrogate.sum()
 
 
-def _score_log_q(particles: Particles, dims: frozenset[int], like: Tensor) -> Tensor:
-    """Per particle and plate element, the sum of the unscaled guide log-densities of the
-    non-reparameterizable sites (unmasked: a masked site is still drawn from its
-    distribution), reduced to the weights' plate dims; zero where there are none."""
-    keep = dims | {-(particles.max_plate_nesting + 1)}
-    per_pair = []
-    for _, guide_trace in particles.pairs:
-        parts = []
-        for name in latent_sites(guide_trace):
-            node: Mapping[str, Any] = guide_trace.nodes[name]
-            if not node["fn"].has_rsample:
-                value = particles.canonical(node["unscaled_log_prob"], name)
-                parts.append(reduce_to_dims(value, keep))
-        base = like.new_zeros((like.shape[0] // len(particles.pairs), *like.shape[1:]))
-        per_pair.append(functools.reduce(torch.add, parts, base))
-    return torch.cat(per_pair) if len(per_pair) > 1 else per_pair[0]
+def score_log_q(particles: Particles, dims: frozenset[int]) -> Tensor:
+    """Per particle and element of the plates ``dims``, the sum of the unscaled guide
+    log-densities of the non-reparameterizable sites (unmasked: a masked site is still
+    drawn from its distribution), in the canonical layout; zero where there are none.
 
+    :param Particles particles: a run of the particles.
+    :param frozenset dims: the plate dims to keep (those of
+        :func:`~pyro_wakesleep.particles.log_weights`).
+    """
+    keep = dims | {particles.particle_dim}
+    parts = [
+        reduce_to_dims(site.score, keep) for site in particles.sites.values()
+        if site.score is not None and not site.node["fn"].has_rsample
+    ]
+    return functools.reduce(torch.add, parts, particles.zeros())

@@ -11,27 +11,22 @@ depends on one group only, so a single ``backward`` gives each group its own gra
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from pyro_wakesleep.objectives._base import Objective
 from pyro_wakesleep.objectives._dreams import (
     DreamArgs,
     check_param_owners,
     dream,
     sleep_log_q,
 )
-from pyro_wakesleep.objectives._traces import (
-    Particles,
-    latent_sites,
-    log_weights,
-    sample_sites,
-)
+from pyro_wakesleep.objectives.base import Objective
+from pyro_wakesleep.particles import Particles, log_guide, log_joint, log_weights
 from pyro_wakesleep.signals import iwae_bound, self_normalized_weights
 
 __all__ = ["ReweightedWakeSleepELBO", "WakeSleepELBO"]
@@ -67,8 +62,8 @@ class _WakeSleep(Objective):
         return {name: float(value) for name, value in self._phase_losses.items()}
 
     def _wake(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Particles:
-        particles = self._particles(model, guide, args, kwargs, detach_guide=True)
-        check_param_owners(*particles.pairs[0])
+        particles = self.particles(model, guide, args, kwargs, detach_guide=True)
+        check_param_owners(*particles.traces[0])
         return particles
 
     def _sleep(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Tensor:
@@ -148,22 +143,15 @@ class WakeSleepELBO(_WakeSleep):
         super().__init__(num_particles, num_sleep_particles, dream_args, max_plate_nesting,
                          vectorize_particles, retain_graph)
 
-    def _loss_and_surrogate(
+    def loss_and_surrogate(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
     ) -> tuple[Tensor, Tensor]:
         particles = self._wake(model, guide, args, kwargs)
-        log_p: Tensor | float = 0.0
-        log_q: Tensor | float = 0.0
-        for model_trace, guide_trace in particles.pairs:
-            for name in sample_sites(model_trace):
-                log_p = log_p + model_trace.nodes[name]["log_prob_sum"]
-            for name in latent_sites(guide_trace):
-                log_q = log_q + guide_trace.nodes[name]["log_prob_sum"]
         k = self.num_particles
-        wake_theta = -torch.as_tensor(log_p) / k
+        wake_theta = -log_joint(particles) / k
         sleep_phi = self._sleep(model, guide, args, kwargs)
         self._phase_losses = {"wake_theta": wake_theta.detach(), "sleep_phi": sleep_phi.detach()}
-        loss = wake_theta.detach() + torch.as_tensor(log_q).detach() / k
+        loss = wake_theta.detach() + log_guide(particles).detach() / k
         return loss, wake_theta + sleep_phi
 
 
@@ -247,7 +235,7 @@ class ReweightedWakeSleepELBO(_WakeSleep):
             )
         self.insomnia: float = float(insomnia)
 
-    def _loss_and_surrogate(
+    def loss_and_surrogate(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
     ) -> tuple[Tensor, Tensor]:
         particles = self._wake(model, guide, args, kwargs)
@@ -256,16 +244,9 @@ class ReweightedWakeSleepELBO(_WakeSleep):
         log_w = weights.value
         normalized = self_normalized_weights(log_w, dim=0)
         bound = iwae_bound(log_w, dim=0).sum() * weights.scale
-        wake_theta: Tensor | float = 0.0
-        wake_phi: Tensor | float = 0.0
-        for k, (model_trace, guide_trace) in enumerate(particles.pairs):
-            w = normalized if particles.vectorized else normalized[k:k + 1]
-            # sum_i sum_k w_ik * (scaled) log-density of each site, by broadcasting
-            wake_theta = wake_theta - _weighted(w, model_trace, sample_sites(model_trace),
-                                                particles)
-            wake_phi = wake_phi - _weighted(w, guide_trace, latent_sites(guide_trace),
-                                            particles)
-        theta, phi = torch.as_tensor(wake_theta), torch.as_tensor(wake_phi)
+        # sum_i sum_k w_ik * (scaled) log-density of each site, by broadcasting
+        theta = -_weighted(normalized, [s.log_p for s in particles.sites.values()])
+        phi = -_weighted(normalized, [s.log_q for s in particles.sites.values()])
         self._phase_losses = {"wake_theta": -bound, "wake_phi": phi.detach()}
         surrogate = theta
         if self.insomnia > 0:
@@ -277,8 +258,8 @@ class ReweightedWakeSleepELBO(_WakeSleep):
         return -bound, surrogate
 
 
-def _weighted(weights: Tensor, trace: Any, sites: list[str], particles: Particles) -> Tensor:
-    total: Tensor | float = 0.0
-    for name in sites:
-        total = total + (weights * particles.canonical(trace.nodes[name]["log_prob"], name)).sum()
-    return torch.as_tensor(total)
+def _weighted(weights: Tensor, log_densities: list[Tensor | None]) -> Tensor:
+    """:math:`\\sum_{k,i} \\tilde w_{ki} \\log f_{ki}` over the given canonical
+    log-densities (``None`` skipped)."""
+    terms = [(weights * value).sum() for value in log_densities if value is not None]
+    return functools.reduce(torch.add, terms, weights.new_zeros(()))

@@ -1,9 +1,14 @@
-"""Where :func:`~pyro_wakesleep.diagnostics.to_arviz` gets its draws: a guide, an MCMC
-run, or a dict of draws; each becomes the model vectorized over the draws (internal)."""
+"""A fitted model as the converters see it: the model vectorized over its draws.
+
+Draws come from a guide (:mod:`~pyro_wakesleep.diagnostics.draws`), an MCMC run, or a
+dict of draws; each source becomes a :class:`Fit`, the model run once under a plate of
+the draws with its latents conditioned on them. Used by
+:mod:`~pyro_wakesleep.diagnostics.converters`; nothing here is part of the public API.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -14,15 +19,21 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from pyro_wakesleep.diagnostics.psis import DRAW_PLATE, draw_guide, per_draw
-from pyro_wakesleep.objectives._traces import is_sample, latent_sites, plate_nesting
+from pyro_wakesleep._validation import check_int
+from pyro_wakesleep.diagnostics.draws import DRAW_PLATE, draw_guide, per_draw
+from pyro_wakesleep.traces import is_sample, latent_sites, plate_nesting
+
+__all__: list[str] = []
 
 
 def nodes(trace: Trace) -> dict[str, Any]:
+    """A trace's nodes, typed loosely (Pyro types a site's fields as optional)."""
     return trace.nodes
 
 
 class Fit(NamedTuple):
+    """The model vectorized over ``S`` draws, with what the ArviZ groups need."""
+
     model: Callable
     args: tuple
     kwargs: dict
@@ -34,20 +45,25 @@ class Fit(NamedTuple):
     predictive: dict[str, Tensor]  # given posterior-predictive draws (vectorized layout)
 
 
-def from_guide(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                num_samples: int, nesting: int | None) -> Fit:
+def guide_fit(model: Callable, guide: Callable, args: tuple, kwargs: dict,
+              num_samples: int, nesting: int | None) -> Fit:
+    """``num_samples`` draws of the guide, one chain; stats ``log_p``, ``log_q``,
+    ``log_weight``."""
     draws = draw_guide(model, guide, args, kwargs, num_samples, nesting)
-    latents = {n: nodes(draws.guide_trace)[n]["value"] for n in latent_sites(draws.guide_trace)}
+    guide_nodes = nodes(draws.guide_trace)
+    latents = {n: guide_nodes[n]["value"] for n in latent_sites(draws.guide_trace)}
     stats = {"log_p": draws.log_p.numpy(), "log_q": draws.log_q.numpy(),
              "log_weight": (draws.log_p - draws.log_q).numpy()}
     return Fit(model, args, kwargs, draws.max_plate_nesting, 1, draws.model_trace, latents,
-                stats, {})
+               stats, {})
 
 
-def from_mcmc(mcmc: Any, args: tuple, kwargs: dict, nesting: int | None) -> Fit:
+def mcmc_fit(mcmc: Any, args: tuple, kwargs: dict, nesting: int | None) -> Fit:
+    """The draws of every chain of a :class:`pyro.infer.MCMC` run (chain-major); stats
+    ``log_p`` and ``diverging``. The run's own arguments unless ``args``/``kwargs``."""
     model = getattr(mcmc.kernel, "model", None)
     if model is None:
-        raise ValueError("to_arviz needs an MCMC kernel built from a model, not a potential_fn")
+        raise ValueError("from_mcmc needs an MCMC kernel built from a model, not a potential_fn")
     if not args and not kwargs:
         args, kwargs = getattr(mcmc, "_args", ()), getattr(mcmc, "_kwargs", {})
     samples = mcmc.get_samples(group_by_chain=True)
@@ -57,14 +73,14 @@ def from_mcmc(mcmc: Any, args: tuple, kwargs: dict, nesting: int | None) -> Fit:
     divergences = mcmc.diagnostics().get("divergences", {})
     for i, key in enumerate(sorted(divergences)):
         diverging[i, divergences[key]] = True
-    return from_samples(model, flat, chains, args, kwargs, nesting,
-                         {"diverging": diverging.reshape(-1)})
+    return samples_fit(model, flat, chains, args, kwargs, nesting,
+                       {"diverging": diverging.reshape(-1)})
 
 
 def _per_draw_shape(name: str, value: Tensor, shape: torch.Size) -> Tensor:
     value = torch.as_tensor(value)
     per = value.shape[1:]
-    while len(per) > len(shape) and per[0] == 1:
+    while len(per) > len(shape) and per[0] == 1:  # Predictive's padded size-1 axes
         per = per[1:]
     if per != shape:
         raise ValueError(
@@ -74,13 +90,16 @@ def _per_draw_shape(name: str, value: Tensor, shape: torch.Size) -> Tensor:
     return value.reshape((value.shape[0], *shape))
 
 
-def from_samples(model: Callable, samples: dict[str, Tensor], chains: int, args: tuple,
-                  kwargs: dict, nesting: int | None, stats: dict[str, np.ndarray]) -> Fit:
+def samples_fit(model: Callable, samples: Mapping[str, Tensor], chains: int, args: tuple,
+                kwargs: dict, nesting: int | None, stats: dict[str, np.ndarray]) -> Fit:
+    """Given draws (site name to a ``(S, ...)`` tensor) of every latent of the model;
+    given observed sites become the posterior predictive. Stats: ``log_p``, ``stats``."""
     if not samples:
-        raise ValueError("to_arviz: the dict of draws is empty")
+        raise ValueError("from_samples: the dict of draws is empty")
     with torch.no_grad(), poutine.block():
         prior = poutine.trace(model).get_trace(*args, **kwargs)
-    nest = plate_nesting([(prior, prior)]) if nesting is None else int(nesting)
+    nest = (plate_nesting([(prior, prior)]) if nesting is None
+            else check_int(nesting, "max_plate_nesting", 0))
     num = int(next(iter(samples.values())).shape[0])
     latents: dict[str, Tensor] = {}
     predictive: dict[str, Tensor] = {}
@@ -109,6 +128,6 @@ def from_samples(model: Callable, samples: dict[str, Tensor], chains: int, args:
             *args, **kwargs
         )
         trace.compute_log_prob(lambda _, site: not site_is_subsample(site))
-        names = [n for n, s in trace.nodes.items() if is_sample(s)]
+        names = [n for n, s in nodes(trace).items() if is_sample(s)]
         stats = {"log_p": per_draw(trace, names, nest, num, "model").numpy(), **stats}
     return Fit(model, args, kwargs, nest, chains, trace, latents, stats, predictive)

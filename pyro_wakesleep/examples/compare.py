@@ -1,6 +1,6 @@
 """Side-by-side comparison of objectives on a sigmoid belief net (the main job).
 
-:func:`compare` trains one :class:`~pyro_wakesleep.models.SigmoidBeliefNet` per
+:func:`compare` trains one :class:`~pyro_wakesleep.examples.models.SigmoidBeliefNet` per
 objective, from the same initial weights and on the same mini-batches, and measures each
 by the held-out ELBO, the variance of its guide gradient at the trained parameters, and
 its time per step. ``pyro-wakesleep compare`` is its command line.
@@ -31,7 +31,8 @@ from pyro_wakesleep.control_variates import (
     NeuralBaseline,
 )
 from pyro_wakesleep.diagnostics import gradient_stats
-from pyro_wakesleep.models import SigmoidBeliefNet
+from pyro_wakesleep.examples._optional import require
+from pyro_wakesleep.examples.models import SigmoidBeliefNet
 from pyro_wakesleep.objectives import (
     DisarmELBO,
     ReweightedWakeSleepELBO,
@@ -217,10 +218,8 @@ def format_table(results: Sequence[Result]) -> str:
 def save(results: Sequence[Result], out: str | os.PathLike) -> dict[str, str]:
     """Writes ``compare.md`` (table), ``compare.json`` (everything) and ``compare.png``
     (training curves) into the folder ``out``; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "the plot of save()").use("Agg")
+    plt = require("matplotlib.pyplot", "the plot of save()")
 
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, f"compare.{k}") for k in ("md", "json", "png")}

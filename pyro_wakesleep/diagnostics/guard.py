@@ -1,4 +1,6 @@
-"""Snapshot and restore of the training state around a diagnostic (internal)."""
+"""Snapshot and restore of the training state around a diagnostic, so that diagnostics
+only read. Used by :mod:`~pyro_wakesleep.diagnostics.gradients`; nothing here is part of
+the public API."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import pyro
 import torch
 from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor
+
+__all__: list[str] = []
 
 
 def _restore_store(values: dict[str, Tensor]) -> None:

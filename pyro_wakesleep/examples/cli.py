@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from pyro_wakesleep import compare as experiment
-from pyro_wakesleep.datasets import load_binarized_mnist, load_digits
+from pyro_wakesleep.examples import compare as experiment
+from pyro_wakesleep.examples.datasets import load_binarized_mnist, load_digits
 
 __all__ = ["main"]
 

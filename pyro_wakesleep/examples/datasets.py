@@ -1,7 +1,8 @@
 """Binarized image data sets for sigmoid belief nets.
 
 * :func:`load_digits` — the 1,797 8×8 handwritten digits that ship inside scikit-learn
-  (no download), binarized: real data available on every install.
+  (no download), binarized: real data available on every install of the ``examples``
+  extra (``pip install pyro-wakesleep[examples]``).
 * :func:`load_binarized_mnist` — the standard statically binarized MNIST
   (Larochelle & Murray, 2011) from a local ``.npz`` file.
 """
@@ -14,6 +15,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from pyro_wakesleep.examples._optional import require
 
 __all__ = ["Split", "load_binarized_mnist", "load_digits"]
 
@@ -36,9 +39,9 @@ def load_digits(test_fraction: float = 0.2, threshold: float = 8.0, seed: int = 
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
-    from sklearn.datasets import load_digits as sklearn_digits
+    sklearn_datasets = require("sklearn.datasets", "load_digits")
 
-    images = (sklearn_digits().data >= threshold).astype(np.float32)
+    images = (sklearn_datasets.load_digits().data >= threshold).astype(np.float32)
     order = np.random.default_rng(seed).permutation(len(images))
     n_test = round(test_fraction * len(images))
     data = torch.from_numpy(images[order])

@@ -1,5 +1,6 @@
-"""Result types of the gradient diagnostics (internal module; the names are re-exported
-from :mod:`pyro_wakesleep.diagnostics`)."""
+"""Result types of the gradient diagnostics: :class:`GradientStats` (one estimator) and
+:class:`EstimatorComparison` (several), both re-exported from
+:mod:`pyro_wakesleep.diagnostics`, and the running moments they are computed from."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+__all__ = ["EstimatorComparison", "GradientStats"]
 
 _COLUMNS = ("numel", "mean_norm", "variance", "snr", "mean_snr")
 

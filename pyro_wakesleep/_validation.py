@@ -1,0 +1,58 @@
+"""Argument and value checks shared by the whole package (private).
+
+Each raises ``TypeError`` or ``ValueError`` with a message naming the argument or the
+site, as the house rules ask; none returns a changed copy of its input except the
+normalized Python number.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def check_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an ``int`` if it is an integer (not a ``bool``) ``>= minimum``.
+
+    :raises TypeError: if ``value`` is not an integer.
+    :raises ValueError: if it is below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(value: Any, name: str, low: float | None = None, high: float | None = None,
+               what: str = "") -> float:
+    """``value`` as a ``float`` if it is a real number (not a ``bool``) in
+    ``[low, high]``.
+
+    :raises TypeError: if ``value`` is not a real number.
+    :raises ValueError: if it lies outside the interval.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {value!r}")
+    value = float(value)
+    if (low is not None and not value >= low) or (high is not None and not value <= high):
+        interval = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ValueError(f"{name}{what} must be in {interval}, got {value!r}")
+    return value
+
+
+def check_finite(value: Tensor, what: str, hint: str = "check the model's log-densities "
+                 "at the guide's draws") -> None:
+    """Raises ``ValueError`` saying how many elements of ``value`` are not finite.
+
+    :param str what: what ``value`` is, e.g. ``"learning signal at site 'z'"``.
+    """
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        raise ValueError(
+            f"non-finite {what}: {int((~finite).sum())} of {value.numel()} elements are not "
+            f"finite; {hint}"
+        )

@@ -1,0 +1,170 @@
+"""Running a model/guide pair: importance traces, their checks, and plate nesting.
+
+This and :mod:`pyro_wakesleep.particles` (the traces as tensors) and
+:mod:`pyro_wakesleep.downstream` (Rao-Blackwellized learning signals) form the trace
+layer that objectives and diagnostics share. A site's log-density is put into the
+*canonical layout* ``(K, d_{-P}, ..., d_{-1})`` by :func:`canonical`: ``K`` indexes
+particles (or draws) at dim ``-(P+1)``, ``P = max_plate_nesting``, and plate dimensions
+keep the negative ``dim`` their :class:`pyro.plate` gave them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import pyro.poutine as poutine
+import torch
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from pyro.util import check_site_shape
+from torch import Tensor
+
+__all__ = [
+    "canonical",
+    "check_model_guide",
+    "guess_max_plate_nesting",
+    "importance_trace",
+    "is_auxiliary",
+    "is_sample",
+    "latent_sites",
+    "plate_dims",
+    "plate_nesting",
+    "sample_sites",
+]
+
+PARTICLE_PLATE = "num_particles_vectorized"
+
+TracePair = tuple[Trace, Trace]
+
+
+class DetachSamples(Messenger):
+    """Detaches the value of every latent sample site as soon as it is drawn, so that
+    later computation sees no pathwise dependence on the sampler's parameters. Must be
+    the outer handler around :func:`pyro.poutine.trace` to be recorded detached."""
+
+    def _pyro_post_sample(self, msg: Any) -> None:
+        if not msg["is_observed"] and isinstance(msg["value"], Tensor):
+            msg["value"] = msg["value"].detach()
+
+
+def is_sample(site: Mapping[str, Any]) -> bool:
+    """Whether a trace node is a sample site (subsample sites of plates excluded)."""
+    return site["type"] == "sample" and not site_is_subsample(site)  # type: ignore[arg-type]
+
+
+def is_auxiliary(site: Mapping[str, Any]) -> bool:
+    """Whether a guide site is auxiliary (``infer={"is_auxiliary": True}``, as autoguides
+    such as :class:`~pyro.infer.autoguide.AutoNormal` declare): part of the guide's
+    density, absent from the model."""
+    return bool(site["infer"].get("is_auxiliary", False))
+
+
+def sample_sites(trace: Trace) -> list[str]:
+    """Names of the sample sites of a trace (observed too), in execution order."""
+    return [name for name, site in trace.nodes.items() if is_sample(site)]
+
+
+def latent_sites(trace: Trace) -> list[str]:
+    """Names of the unobserved sample sites of a trace, in execution order."""
+    return [n for n, s in trace.nodes.items() if is_sample(s) and not s["is_observed"]]
+
+
+def check_model_guide(model_trace: Trace, guide_trace: Trace) -> None:
+    """Raises ``ValueError`` naming the site where the model and guide disagree."""
+    model_latents = set(latent_sites(model_trace))
+    for name in latent_sites(guide_trace):
+        if is_auxiliary(guide_trace.nodes[name]):
+            continue
+        node = model_trace.nodes.get(name)
+        if node is None or node["type"] != "sample":
+            raise ValueError(f"guide site '{name}' does not appear in the model")
+        if node["is_observed"]:
+            raise ValueError(f"site '{name}' is observed in the model but sampled by the guide")
+        sizes = {f.name: f.size for f in node["cond_indep_stack"]}
+        for frame in guide_trace.nodes[name]["cond_indep_stack"]:
+            if sizes.get(frame.name, frame.size) != frame.size:
+                raise ValueError(
+                    f"plate '{frame.name}' has size {frame.size} in the guide but "
+                    f"{sizes[frame.name]} in the model at site '{name}'"
+                )
+    missing = model_latents - set(latent_sites(guide_trace))
+    if missing:
+        raise ValueError(
+            f"model latent site(s) {sorted(missing)} have no guide site; the guide must "
+            "sample every latent of the model"
+        )
+
+
+def plate_nesting(pairs: Iterable[TracePair]) -> int:
+    """The deepest vectorized plate nesting in some traces."""
+    dims: list[int] = [
+        frame.dim  # type: ignore[misc]
+        for pair in pairs
+        for trace in pair
+        for site in trace.nodes.values()
+        if is_sample(site)
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.name != PARTICLE_PLATE
+    ]
+    return -min(dims) if dims else 0
+
+
+def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
+    """Runs model and guide once (blocked from the outside world) and returns the deepest
+    plate nesting found, as :meth:`pyro.infer.ELBO._guess_max_plate_nesting` does, but
+    without consuming the random number stream (so a seeded call gives the same draws
+    whether or not it is the first)."""
+    with torch.random.fork_rng(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    return plate_nesting([(model_trace, guide_trace)])
+
+
+def importance_trace(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, max_plate_nesting: float,
+    detach_guide: bool = False,
+) -> TracePair:
+    """One guide trace and the model replayed against it, checked, with ``log_prob``
+    (scaled and masked), ``log_prob_sum`` and ``unscaled_log_prob`` on every sample site
+    (:func:`is_sample`). With ``detach_guide`` the guide's draws carry no pathwise
+    gradient."""
+    tracer = poutine.trace(guide)
+    if detach_guide:
+        with DetachSamples():
+            guide_trace = tracer.get_trace(*args, **kwargs)
+    else:
+        guide_trace = tracer.get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+        *args, **kwargs
+    )
+    check_model_guide(model_trace, guide_trace)
+    for trace in (model_trace, guide_trace):
+        trace.compute_log_prob(lambda _, site: not site_is_subsample(site))
+        if is_validation_enabled():
+            for site in trace.nodes.values():
+                if is_sample(site):
+                    check_site_shape(site, max_plate_nesting)  # type: ignore[arg-type]
+    return model_trace, guide_trace
+
+
+def canonical(value: Tensor, max_plate_nesting: int, vectorized: bool, site: str) -> Tensor:
+    """Puts a site's log-density into the canonical ``(K, d_{-P}, ..., d_{-1})`` layout."""
+    rank = max_plate_nesting if not vectorized else max_plate_nesting + 1
+    if value.dim() > rank:
+        raise ValueError(
+            f"site '{site}' has batch shape {tuple(value.shape)} with more dimensions than "
+            f"max_plate_nesting={max_plate_nesting} (+1 for particles) allows; declare its "
+            "batch dimensions with pyro.plate or move them to the event with .to_event()"
+        )
+    value = value.reshape((1,) * (rank - value.dim()) + value.shape)
+    return value if vectorized else value.unsqueeze(0)
+
+
+def plate_dims(site: Mapping[str, Any]) -> frozenset[int]:
+    """The negative dims of the vectorized plates a site is in."""
+    return frozenset(f.dim for f in site["cond_indep_stack"] if f.vectorized)
