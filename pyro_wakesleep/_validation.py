@@ -27,6 +27,16 @@ def check_int(value: Any, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` if it is a ``bool``.
+
+    :raises TypeError: otherwise (``"no"``, ``0`` and ``None`` are not booleans).
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
+
+
 def check_real(value: Any, name: str, low: float | None = None, high: float | None = None,
                what: str = "") -> float:
     """``value`` as a ``float`` if it is a real number (not a ``bool``) in

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from pyro_wakesleep.particles import Particles
 from pyro_wakesleep.signals import reduce_to_dims
-from pyro_wakesleep.traces import latent_sites, plate_dims, sample_sites
+from pyro_wakesleep.traces import guide_factors, is_sample, plate_frames, sample_sites
 
 __all__ = ["downstream_sites", "learning_signals"]
 
@@ -65,8 +65,13 @@ def downstream_sites(model_trace: Trace, guide_trace: Trace, site: str) -> tuple
     from the dense dependency graph (everything after the site, except other iterations
     of a sequential plate): ``(guide latents, model-only terms)``. Guide latents contribute
     :math:`\\log p - \\log q`, model-only terms (observations, and model terms of latents
-    upstream in the guide) :math:`\\log p`."""
-    guide = tuple((n, _frames(guide_trace.nodes[n])) for n in latent_sites(guide_trace))
+    upstream in the guide) :math:`\\log p`; a ``pyro.factor`` of the guide counts as a
+    guide term (:math:`-\\log` factor)."""
+    factors = set(guide_factors(model_trace, guide_trace))
+    guide = tuple(
+        (n, _frames(s)) for n, s in guide_trace.nodes.items()
+        if is_sample(s) and (not s["is_observed"] or n in factors)
+    )
     model = tuple((n, _frames(model_trace.nodes[n])) for n in sample_sites(model_trace))
     return _downstream(guide, model, site)
 
@@ -75,25 +80,31 @@ def _run_signals(
     model_trace: Trace, guide_trace: Trace, sites: Iterable[str], particles: Particles
 ) -> dict[str, Tensor]:
     """The signals of one run (one particle, or all of a vectorized pass)."""
-    def term(name: str, with_guide: bool) -> Tensor:
+    def term(name: str, with_guide: bool) -> tuple[Tensor, frozenset[tuple[str, int]]]:
         if name in model_trace.nodes:
-            value = model_trace.nodes[name]["log_prob"]
+            node = model_trace.nodes[name]
+            value = node["log_prob"]
             if with_guide:
                 value = value - guide_trace.nodes[name]["log_prob"]
-        else:  # an auxiliary guide site
-            value = -guide_trace.nodes[name]["log_prob"]
-        return particles.canonical(value.detach(), name)
+        else:  # an auxiliary guide site, or a factor of the guide
+            node = guide_trace.nodes[name]
+            value = -node["log_prob"]
+        return particles.canonical(value.detach(), name), plate_frames(node)
 
-    cache: dict[tuple[str, bool], Tensor] = {}
+    cache: dict[tuple[str, bool], tuple[Tensor, frozenset[tuple[str, int]]]] = {}
     signals = {}
     for site in sites:
         down, extra = downstream_sites(model_trace, guide_trace, site)
-        keep = plate_dims(guide_trace.nodes[site]) | {particles.particle_dim}
+        frames = plate_frames(guide_trace.nodes[site])
         parts = []
         for key in [(n, True) for n in down] + [(n, False) for n in extra]:
             if key not in cache:
                 cache[key] = term(*key)
-            parts.append(reduce_to_dims(cache[key], keep))
+            value, term_frames = cache[key]
+            # kept per element of the plates the site shares with the term (by plate,
+            # not by dim: another plate on the same dim is summed over)
+            keep = {dim for _, dim in frames & term_frames} | {particles.particle_dim}
+            parts.append(reduce_to_dims(value, keep))
         signals[site] = functools.reduce(torch.add, parts)
     return signals
 
@@ -104,7 +115,8 @@ def learning_signals(particles: Particles, sites: Iterable[str]) -> dict[str, Te
 
     Site :math:`s`'s signal is the sum of its downstream cost terms
     (:func:`downstream_sites`), each summed over the plates :math:`s` is not in and kept
-    elementwise over the plates it is in.
+    elementwise over the plates it is in (plates are told apart by name, so a term in
+    another plate that uses the same ``dim`` is summed over).
     """
     sites = list(sites)
     runs = [

@@ -20,14 +20,16 @@ import pyro
 import torch
 from torch import Tensor
 
+from pyro_wakesleep._validation import check_finite
 from pyro_wakesleep.signals import reduce_to_dims
 from pyro_wakesleep.traces import (
     PARTICLE_PLATE,
     TracePair,
     canonical,
+    guide_factors,
     importance_trace,
     latent_sites,
-    plate_dims,
+    plate_frames,
     plate_nesting,
     sample_sites,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "LogWeights",
     "Particles",
     "SiteTensors",
+    "check_finite_sites",
     "log_guide",
     "log_joint",
     "log_weights",
@@ -71,7 +74,9 @@ class Particles(NamedTuple):
     """One run of ``K`` particles, as tensors (see the module docstring).
 
     :param dict sites: :class:`SiteTensors` of every sample site, model sites (observed
-        included) first in execution order, then guide-only (auxiliary) sites.
+        included) first in execution order, then guide-only sites: auxiliary latents
+        (autoguides) and the guide's ``pyro.factor`` statements (whose ``log_q`` is the
+        factor).
     :param list guide_latents: the guide's latent sites, in execution order.
     :param int num_particles: :math:`K`.
     :param int max_plate_nesting: the plate nesting :math:`P` of the layout.
@@ -129,20 +134,22 @@ def _particles(pairs: list[TracePair], nesting: int, vectorized: bool, num: int)
     empty = Particles({}, [], num, nesting, vectorized, tuple(pairs))
     model_names: dict[str, None] = {}
     guide_names: dict[str, None] = {}
+    factors: dict[str, None] = {}
     for model_trace, guide_trace in pairs:
         model_names.update(dict.fromkeys(sample_sites(model_trace)))
         guide_names.update(dict.fromkeys(latent_sites(guide_trace)))
+        factors.update(dict.fromkeys(guide_factors(model_trace, guide_trace)))
     sites = {}
-    for name in [*model_names, *(n for n in guide_names if n not in model_names)]:
+    guide_only = [n for n in [*guide_names, *factors] if n not in model_names]
+    for name in [*model_names, *guide_only]:
         model_nodes: list[Any] = [m.nodes.get(name) for m, _ in pairs]
-        guide_nodes: list[Any] = [g.nodes.get(name) if name in guide_names else None
-                                  for _, g in pairs]
+        in_model, in_guide = name in model_names, name in guide_names or name in factors
+        guide_nodes: list[Any] = [g.nodes.get(name) if in_guide else None for _, g in pairs]
         present = [m is not None or g is not None
                    for m, g in zip(model_nodes, guide_nodes, strict=True)]
         node = next(g if g is not None else m
                     for m, g in zip(model_nodes, guide_nodes, strict=True)
                     if g is not None or m is not None)
-        in_model, in_guide = name in model_names, name in guide_names
 
         def field(nodes: list[Any], key: str, name: str = name) -> Tensor:
             return empty.stack(name, [
@@ -163,25 +170,40 @@ def _particles(pairs: list[TracePair], nesting: int, vectorized: bool, num: int)
 def run_particles(
     model: Callable, guide: Callable, args: tuple, kwargs: dict, *, num_particles: int,
     vectorize: bool, max_plate_nesting: float, detach_guide: bool = False,
+    strict_enumeration_warning: bool = True, pyro_checks: bool = True,
 ) -> Particles:
     """``num_particles`` importance traces as :class:`Particles`: one vectorized run
     with the particle plate at ``dim=-(max_plate_nesting + 1)``, or one run per particle
     (also for a single particle, which needs no particle plate). ``max_plate_nesting``
     may be infinite only without vectorization; it is then read off the traces.
-    With ``detach_guide`` the guide's draws carry no pathwise gradient."""
+    With ``detach_guide`` the guide's draws carry no pathwise gradient; see
+    :func:`~pyro_wakesleep.traces.importance_trace` for the checks each run gets, and
+    :func:`check_finite_sites` for the one every objective makes of the result."""
     if vectorize and num_particles > 1:
         nesting = int(max_plate_nesting)
         plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))
         pair = importance_trace(plate(model), plate(guide), args, kwargs, nesting + 1,
-                                detach_guide)
+                                detach_guide, strict_enumeration_warning, pyro_checks)
         return _particles([pair], nesting, True, num_particles)
     pairs = [
-        importance_trace(model, guide, args, kwargs, max_plate_nesting, detach_guide)
+        importance_trace(model, guide, args, kwargs, max_plate_nesting, detach_guide,
+                         strict_enumeration_warning, pyro_checks)
         for _ in range(num_particles)
     ]
     finite = max_plate_nesting != float("inf")
     nesting = int(max_plate_nesting) if finite else plate_nesting(pairs)
     return _particles(pairs, nesting, False, num_particles)
+
+
+def check_finite_sites(particles: Particles) -> None:
+    """Raises ``ValueError`` naming the first site (and the number of elements) whose
+    model or guide log-density is not finite: an objective calls it before it forms any
+    gradient, so that one bad draw never writes NaN into parameters."""
+    for site in particles.sites.values():
+        for what, value in (("model", site.log_p), ("guide", site.log_q)):
+            if value is not None:
+                check_finite(value.detach(), f"{what} log-density at site '{site.name}'",
+                             "check the site's support and the guide's draws")
 
 
 def log_joint(particles: Particles) -> Tensor:
@@ -234,12 +256,12 @@ def log_weights(particles: Particles) -> LogWeights:
         latents with a subsampled data plate: joint weights over a mini-batch estimate
         nothing).
     """
-    shared: frozenset[int] | None = None
+    shared: frozenset[tuple[str, int]] | None = None
     scales: dict[str, float] = {}
     terms = []
     for site in particles.sites.values():
-        dims = plate_dims(site.node) - {particles.particle_dim}
-        shared = dims if shared is None else shared & dims
+        frames = frozenset(f for f in plate_frames(site.node) if f[0] != PARTICLE_PLATE)
+        shared = frames if shared is None else shared & frames
         if site.log_p is None:  # an auxiliary guide site: -log q only
             terms.append(-site.log_q)  # type: ignore[operator]
             continue
@@ -255,7 +277,7 @@ def log_weights(particles: Particles) -> LogWeights:
             f"{scales}; a subsampled plate with latents outside it cannot be importance "
             "weighted per mini-batch"
         )
-    dims = shared or frozenset()
+    dims = frozenset(dim for _, dim in shared or ())
     keep = dims | {particles.particle_dim}
     value = functools.reduce(torch.add, [reduce_to_dims(t, keep) for t in terms])
     scale = next(iter(scales.values()), 1.0)

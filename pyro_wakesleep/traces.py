@@ -19,18 +19,20 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
-from pyro.util import check_site_shape
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 from torch import Tensor
 
 __all__ = [
     "canonical",
     "check_model_guide",
     "guess_max_plate_nesting",
+    "guide_factors",
     "importance_trace",
     "is_auxiliary",
     "is_sample",
     "latent_sites",
     "plate_dims",
+    "plate_frames",
     "plate_nesting",
     "sample_sites",
 ]
@@ -70,6 +72,21 @@ def sample_sites(trace: Trace) -> list[str]:
 def latent_sites(trace: Trace) -> list[str]:
     """Names of the unobserved sample sites of a trace, in execution order."""
     return [n for n, s in trace.nodes.items() if is_sample(s) and not s["is_observed"]]
+
+
+def guide_factors(model_trace: Trace, guide_trace: Trace) -> list[str]:
+    """Names of the observed sample sites of a guide that the model does not have:
+    ``pyro.factor`` statements of the guide, part of its log-density."""
+    return [
+        n for n, s in guide_trace.nodes.items()
+        if is_sample(s) and s["is_observed"] and n not in model_trace.nodes
+    ]
+
+
+def plate_frames(site: Mapping[str, Any]) -> frozenset[tuple[str, int]]:
+    """The ``(name, dim)`` of the vectorized plates a site is in: two plates on the same
+    ``dim`` are told apart by name."""
+    return frozenset((f.name, f.dim) for f in site["cond_indep_stack"] if f.vectorized)
 
 
 def check_model_guide(model_trace: Trace, guide_trace: Trace) -> None:
@@ -127,12 +144,23 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwarg
 
 def importance_trace(
     model: Callable, guide: Callable, args: tuple, kwargs: dict, max_plate_nesting: float,
-    detach_guide: bool = False,
+    detach_guide: bool = False, strict_enumeration_warning: bool = True,
+    pyro_checks: bool = True,
 ) -> TracePair:
     """One guide trace and the model replayed against it, checked, with ``log_prob``
     (scaled and masked), ``log_prob_sum`` and ``unscaled_log_prob`` on every sample site
     (:func:`is_sample`). With ``detach_guide`` the guide's draws carry no pathwise
-    gradient."""
+    gradient.
+
+    Besides :func:`check_model_guide`, and while Pyro's validation is enabled (its
+    default), the pair gets the checks Pyro's own ELBOs make: shapes that disagree
+    between model and guide at a site and a guide ``pyro.factor`` without
+    ``has_rsample`` raise ``ValueError``, plates in the guide but not in the model warn
+    (:func:`pyro.util.check_model_guide_match`), and so do guide sites configured for
+    enumeration, which no objective here enumerates (``strict_enumeration_warning``).
+    ``pyro_checks=False`` skips Pyro's checks, for internal replays of a checked run
+    (replayed sites are not broadcast by plates, so Pyro's shape check misreads them).
+    """
     tracer = poutine.trace(guide)
     if detach_guide:
         with DetachSamples():
@@ -143,6 +171,10 @@ def importance_trace(
         *args, **kwargs
     )
     check_model_guide(model_trace, guide_trace)
+    if pyro_checks and is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+        if strict_enumeration_warning:
+            check_if_enumerated(guide_trace)
     for trace in (model_trace, guide_trace):
         trace.compute_log_prob(lambda _, site: not site_is_subsample(site))
         if is_validation_enabled():

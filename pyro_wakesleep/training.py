@@ -8,7 +8,6 @@ data) so that a resumed run continues exactly as if it had not stopped.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import signal
@@ -16,18 +15,23 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI
 from pyro.infer.elbo import ELBOModule
 from pyro.util import get_rng_state, set_rng_state
 
+from pyro_wakesleep._validation import check_int, check_real
+from pyro_wakesleep.checkpoints import (
+    FORMAT,
+    check_checkpoint_path,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
 from pyro_wakesleep.diagnostics.history import History
 
 __all__ = ["StepInfo", "fit"]
-
-_FORMAT = "pyro_wakesleep.fit/1"
 
 
 class StepInfo(NamedTuple):
@@ -60,6 +64,8 @@ class _Route:
         if isinstance(trainer, SVI):  # SVI keeps the ELBO's bound methods
             self.model, self.guide = trainer.model, trainer.guide
             self.loss = getattr(trainer.loss_and_grads, "__self__", None)
+            if optimizer is not None:
+                raise ValueError("optimizer is for fit(module, ...): SVI has its own")
         elif isinstance(trainer, ELBOModule):
             if optimizer is None:
                 raise ValueError("fit(module, ...) needs optimizer=torch.optim.<...>")
@@ -86,39 +92,11 @@ class _Route:
             return float(self.loss.loss(self.model, self.guide, *args, **kwargs))
 
     def state(self) -> dict[str, Any]:
-        objective = getattr(self.loss, "state_dict", None)
-        state: dict[str, Any] = {"params": pyro.get_param_store().get_state(),
-                                 "objective": objective() if callable(objective) else None}
-        if isinstance(self.trainer, SVI):
-            state["optimizer"] = self.trainer.optim.get_state()
-        else:
-            assert self.optimizer is not None
-            state["module"] = self.trainer.state_dict()
-            state["optimizer"] = self.optimizer.state_dict()
-        return copy.deepcopy(state)
+        return training_state(self.trainer, self.optimizer, self.loss)
 
     def load(self, state: Mapping[str, Any], args: tuple, kwargs: dict) -> None:
-        with poutine.block():  # registers parameters and lazily created control variates
-            self.evaluate(args, kwargs)
-        store = pyro.get_param_store()
-        current = dict(store.named_parameters())
-        saved = state["params"]
-        missing = {n: v for n, v in saved["params"].items() if n not in current}
-        with torch.no_grad():  # in place: modules and optimizers keep their tensors
-            for name, value in saved["params"].items():
-                if name in current:
-                    current[name].copy_(value)
-        store.set_state({"params": missing, "constraints": {
-            n: c for n, c in saved["constraints"].items() if n in missing}})
-        if state.get("objective") is not None and self.loss is not None:
-            self.loss.load_state_dict(state["objective"])
-        if isinstance(self.trainer, SVI):
-            self.trainer.optim.optim_objs.clear()  # rebuilt from the loaded state
-            self.trainer.optim.set_state(copy.deepcopy(state["optimizer"]))
-        else:
-            assert self.optimizer is not None
-            self.trainer.load_state_dict(state["module"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        restore_training_state(state, self.trainer, self.optimizer, self.loss,
+                               lambda: self.evaluate(args, kwargs))
 
 
 class _Data:
@@ -188,15 +166,6 @@ class _DeferInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def _save(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    directory = os.path.dirname(os.fspath(path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken file
-
-
 def fit(
     trainer: SVI | ELBOModule, data: Any, num_steps: int, *,
     optimizer: torch.optim.Optimizer | None = None, validation: Any = None,
@@ -243,26 +212,21 @@ def fit(
     :param str description: the progress bar's label.
     :rtype: History
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
-        raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
-    for name, every in (("validate_every", validate_every), ("checkpoint_every",
-                        checkpoint_every)):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"{name} must be a positive int, got {every!r}")
+    callbacks = _check_arguments(locals())  # first: only the arguments are local
     route, stream, history = _Route(trainer, optimizer), _Data(data), History()
     early: dict[str, Any] = {"best": math.inf, "best_step": None, "bad": 0, "best_state": None}
     step = 0
+    if checkpoint is not None:
+        check_checkpoint_path(checkpoint)
     if checkpoint is not None and resume and os.path.exists(checkpoint):
-        saved = torch.load(checkpoint, weights_only=False)
-        if saved.get("format") != _FORMAT:
-            raise ValueError(f"{os.fspath(checkpoint)!r} is not a checkpoint of fit()")
+        saved = load_checkpoint(checkpoint)
         route.load(saved["trainer"], *stream.first())
         stream.load(saved["data"])
         history, early, step = History.from_state(saved["history"]), saved["early"], saved["step"]
         set_rng_state(saved["rng"])
 
     def snapshot() -> dict[str, Any]:
-        return {"format": _FORMAT, "step": step, "trainer": route.state(),
+        return {"format": FORMAT, "step": step, "trainer": route.state(),
                 "data": stream.state(), "history": history.state(), "early": early,
                 "rng": get_rng_state()}
 
@@ -299,7 +263,7 @@ def fit(
             stop = any([cb(info) is True for cb in callbacks]) or stop
             if checkpoint is not None and (step % checkpoint_every == 0 or stop
                                            or step == num_steps or interrupt.requested):
-                _save(checkpoint, snapshot())
+                save_checkpoint(checkpoint, snapshot())
             if interrupt.requested:
                 raise KeyboardInterrupt(f"fit interrupted after step {step}" + (
                     f"; resume from {os.fspath(checkpoint)!r}" if checkpoint else ""))
@@ -307,6 +271,39 @@ def fit(
         route.load(early["best_state"], *stream.first())
     history.stopped_early = stop
     return history
+
+
+def _check_arguments(a: Mapping[str, Any]) -> list[Callable[[StepInfo], bool | None]]:
+    """Checks the arguments of :func:`fit` (by name) up front; returns the callbacks."""
+    check_int(a["num_steps"], "num_steps", 0)
+    for name, low in (("validate_every", 1), ("checkpoint_every", 1), ("patience", 1),
+                      ("gradient_stats_every", 1), ("gradient_stats_draws", 2)):
+        if a[name] is not None or name not in ("patience", "gradient_stats_every"):
+            check_int(a[name], name, low)
+    check_real(a["min_delta"], "min_delta", 0.0)
+    for name in ("restore_best", "resume", "progress"):
+        if not isinstance(a[name], bool):
+            raise TypeError(f"{name} must be a bool, got {a[name]!r}")
+    for name, kind, what in (("checkpoint", (str, os.PathLike), "a path"),
+                             ("description", str, "a str"),
+                             ("optimizer", torch.optim.Optimizer, "a torch.optim.Optimizer")):
+        if a[name] is not None and not isinstance(a[name], kind):
+            raise TypeError(f"{name} must be {what} or None, got {a[name]!r}")
+    validation = a["validation"]
+    if isinstance(validation, (str, bytes)) or not (
+            validation is None or callable(validation) or isinstance(validation, Iterable)):
+        raise TypeError(f"validation must be a callable () -> float, a tuple or dict of "
+                        f"arguments or an iterable of batches, got {validation!r}")
+    if validation is None and (a["patience"] is not None or a["restore_best"]):
+        raise ValueError("patience and restore_best need validation=...")
+    callbacks = a["callbacks"]
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"callbacks must be a list of callables, got {callbacks!r}")
+    callbacks = list(callbacks)
+    for i, callback in enumerate(callbacks):
+        if not callable(callback):
+            raise TypeError(f"callbacks[{i}] must be callable, got {callback!r}")
+    return callbacks
 
 
 def _validate(route: _Route, validation: Any) -> float:

@@ -7,6 +7,7 @@ import math
 
 import pyro
 import pyro.poutine as poutine
+import pytest
 import torch
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 
@@ -132,10 +133,14 @@ def assert_unbiased(samples, exact, z=4.0, atol=0.0, positive_se=False):
 
 
 # -- the one path ---------------------------------------------------------------------------
-def same_seed_losses(objective, model, guide, *args, seed=7, **kwargs):
-    """``loss``, ``differentiable_loss`` and ``loss_and_grads``, each under ``seed``."""
+def assert_one_path(objective, model, guide, *args, seed=7, **kwargs):
+    """``loss``, ``differentiable_loss`` and ``loss_and_grads``, each under ``seed``, agree
+    in value; the first and last return floats, the second a tensor with a gradient."""
     values = []
     for method in (objective.loss, objective.differentiable_loss, objective.loss_and_grads):
         pyro.set_rng_seed(seed)
         values.append(method(model, guide, *args, **kwargs))
-    return values
+    loss, differentiable, returned = values
+    assert isinstance(loss, float) and isinstance(returned, float), values
+    assert isinstance(differentiable, torch.Tensor) and differentiable.requires_grad
+    assert loss == pytest.approx(differentiable.item()) == pytest.approx(returned)

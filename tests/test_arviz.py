@@ -281,3 +281,146 @@ def test_posterior_predictive_with_an_observation_that_uses_a_deterministic_site
     np.testing.assert_allclose(_flat(data["posterior"]["loc"]),
                                _flat(data["posterior"]["mu"])[:, None] + X.numpy(),
                                rtol=1e-5)
+
+
+def _assert_same(one, two):
+    assert _groups(one) == _groups(two)
+    for group in _groups(one):
+        if group == "training":
+            continue
+        assert _variables(one, group) == _variables(two, group), group
+        for name, array in one[group].data_vars.items():
+            np.testing.assert_allclose(array.values, two[group][name].values, rtol=1e-6)
+
+
+def test_from_guide_is_to_arviz_of_a_guide():
+    pyro.set_rng_seed(3)
+    ours = from_guide(model, guide, X, num_samples=S, max_plate_nesting=1,
+                      dims={"w": ["feature"]})
+    pyro.set_rng_seed(3)
+    _assert_same(ours, to_arviz(model, guide, X, num_samples=S, max_plate_nesting=1,
+                                dims={"w": ["feature"]}))
+    assert ours["posterior"]["w"].dims == _lead(S, "feature")[0]
+    assert set(ours["sample_stats"].data_vars) == {"log_p", "log_q", "log_weight"}
+    assert ours["sample_stats"]["log_p"].dims == _lead(S)[0]
+    assert ours["observed_data"]["x"].dims == ("data",)  # no draws there
+    reduced = from_guide(model, guide, X, num_samples=4, posterior_predictive=False,
+                         log_likelihood=False)
+    assert _groups(reduced) == {"posterior", "observed_data", "sample_stats"}
+    with pytest.raises(ValueError, match="num_samples"):
+        from_guide(model, guide, X, num_samples=0)
+    with pytest.raises(TypeError, match="num_samples"):
+        from_guide(model, guide, X, num_samples=2.5)
+
+
+def test_from_samples_is_to_arviz_of_a_dict():
+    pyro.set_rng_seed(4)
+    draws = pyro.infer.Predictive(model, guide=guide, num_samples=12,
+                                  return_sites=["mu", "w", "z", "x"])(X)
+    pyro.set_rng_seed(5)
+    ours = from_samples(model, draws, X)
+    pyro.set_rng_seed(5)
+    _assert_same(ours, to_arviz(model, draws, X))
+    assert ours["posterior"]["z"].dims == _lead(12, "data")[0]
+    assert set(ours["sample_stats"].data_vars) == {"log_p"}
+    np.testing.assert_allclose(_flat(ours["posterior_predictive"]["x"]), draws["x"].numpy())
+    with pytest.raises(ValueError, match="empty"):
+        from_samples(model, {}, X)
+    with pytest.raises(ValueError, match="not a sample site"):
+        from_samples(model, {**draws, "nope": torch.zeros(12)}, X)
+    with pytest.raises(ValueError, match="12 draws"):
+        from_samples(model, {**draws, "mu": torch.zeros(7)}, X)
+
+
+def test_from_mcmc_is_to_arviz_of_mcmc_and_keeps_chain_and_draw():
+    pyro.set_rng_seed(0)
+    mcmc = pyro.infer.MCMC(pyro.infer.NUTS(model), num_samples=15, warmup_steps=10,
+                           disable_progbar=True)
+    mcmc.run(X)
+    pyro.set_rng_seed(6)
+    ours = from_mcmc(mcmc)
+    pyro.set_rng_seed(6)
+    _assert_same(ours, to_arviz(mcmc))
+    # MCMC draws lie along (chain, draw) under either ArviZ
+    assert ours["posterior"]["z"].dims == ("chain", "draw", "data")
+    assert ours["posterior"]["z"].shape == (1, 15, 5)
+    assert ours["sample_stats"]["diverging"].dims == ("chain", "draw")
+    np.testing.assert_allclose(ours["posterior"]["w"].values[0],
+                               mcmc.get_samples()["w"].numpy())
+    pyro.set_rng_seed(6)
+    given = from_mcmc(mcmc, X)  # the run's arguments, given again
+    np.testing.assert_allclose(given["log_likelihood"]["x"].values,
+                               ours["log_likelihood"]["x"].values)
+    flat = from_mcmc(mcmc, sample_dims=("sample",), posterior_predictive=False)
+    assert flat["posterior"]["z"].dims == ("sample", "data")
+    np.testing.assert_allclose(flat["posterior"]["z"].values, mcmc.get_samples()["z"].numpy())
+
+
+@pytest.mark.parametrize("layout", [("chain", "draw"), ("sample",)])
+def test_sample_dims_can_be_chosen(layout):
+    pyro.set_rng_seed(7)
+    data = from_guide(model, guide, X, num_samples=10, sample_dims=layout)
+    shape = (1, 10) if layout == ("chain", "draw") else (10,)
+    for group in ("posterior", "log_likelihood", "posterior_predictive", "sample_stats"):
+        for name, array in data[group].data_vars.items():
+            assert array.dims[:len(layout)] == layout, (group, name)
+            assert array.shape[:len(layout)] == shape, (group, name)
+    pyro.set_rng_seed(7)
+    default = from_guide(model, guide, X, num_samples=10)
+    np.testing.assert_allclose(_flat(data["posterior"]["w"]), _flat(default["posterior"]["w"]))
+    with pytest.raises(ValueError, match="sample_dims"):
+        from_guide(model, guide, X, num_samples=2, sample_dims=("draw",))
+
+
+def test_default_sample_dims_follow_the_installed_arviz():
+    data = from_guide(model, guide, X, num_samples=6)
+    expected = ("chain", "draw") if arviz_backend() == "classic" else ("sample",)
+    assert data["posterior"]["mu"].dims == expected
+
+
+DIAGNOSTICS = Path(__file__).resolve().parents[1] / "pyro_wakesleep" / "diagnostics"
+PACKAGE = "pyro_wakesleep.diagnostics"
+
+
+def _imports(path):
+    """The package modules a diagnostics module imports: (at module level, inside
+    functions)."""
+    tree = ast.parse(path.read_text())
+    top, inner = set(), set()
+    module_level = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        names = [n for n in names if n.startswith("pyro_wakesleep")]
+        (top if id(node) in module_level else inner).update(names)
+    return top, inner
+
+
+def test_diagnostics_have_no_import_cycle():
+    # the package's __init__ is a node too: a submodule importing from it is a cycle
+    modules = {PACKAGE if p.stem == "__init__" else f"{PACKAGE}.{p.stem}": p
+               for p in DIAGNOSTICS.glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        top, inner = _imports(path)
+        assert not {n for n in inner if n.startswith(PACKAGE)}, (
+            f"{name} imports diagnostics modules inside a function: {sorted(inner)}")
+        graph[name] = {n for n in top if n in modules}
+    order, done = [], set()
+
+    def visit(name, path):
+        assert name not in path, f"import cycle: {' -> '.join([*path, name])}"
+        if name in done:
+            return
+        for dep in sorted(graph[name]):
+            visit(dep, (*path, name))
+        done.add(name)
+        order.append(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+    assert len(order) == len(modules)
+

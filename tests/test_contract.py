@@ -9,7 +9,8 @@
     gradient under one seed;
 (d) all of it on CUDA where present.
 
-The model (tests/models.py) has a Bernoulli and a reparameterized latent in a data plate.
+Each for vectorized and sequential particles. The model (tests/models.py) has a Bernoulli
+and a reparameterized latent in a data plate.
 """
 
 import io
@@ -52,10 +53,11 @@ OBJECTIVES = {
     "arm": lambda device, **kw: DisarmELBO(2, "arm", **kw),
     "wake_sleep": lambda device, **kw: WakeSleepELBO(2, 2, **kw),
     "rws": lambda device, **kw: ReweightedWakeSleepELBO(3, 1.0, **kw),
-    "rws_half_insomnia": lambda device, **kw: ReweightedWakeSleepELBO(3, 0.5, 2, **kw),
+    "rws_half_insomnia": lambda device, **kw: ReweightedWakeSleepELBO(3, 0.5, num_sleep_particles=2, **kw),
 }
 NAMES = sorted(OBJECTIVES)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+LAYOUTS = pytest.mark.parametrize("vectorize", [True, False], ids=["vectorized", "sequential"])
 
 
 def setup(name, device, **options):
@@ -107,7 +109,7 @@ def assert_equal(a, b):
 
 
 # -- (a) one path ---------------------------------------------------------------------------
-@pytest.mark.parametrize("vectorize", [True, False], ids=["vectorized", "sequential"])
+@LAYOUTS
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NAMES)
 def test_loss_differentiable_loss_and_loss_and_grads_are_one_path(name, device, vectorize):
@@ -143,10 +145,11 @@ def test_loss_differentiable_loss_and_loss_and_grads_are_one_path(name, device, 
 
 
 # -- (b) state_dict round trip ----------------------------------------------------------------
+@LAYOUTS
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NAMES)
-def test_checkpoint_restored_into_fresh_objective_continues_exactly(name, device):
-    objective, model, guide, x = setup(name, device)
+def test_checkpoint_restored_into_fresh_objective_continues_exactly(name, device, vectorize):
+    objective, model, guide, x = setup(name, device, vectorize_particles=vectorize)
     svi, optim = train(objective, model, guide, x, steps=4)
     checkpoint = io.BytesIO()
     torch.save({"params": pyro.get_param_store().get_state(), "optim": optim.get_state(),
@@ -157,7 +160,7 @@ def test_checkpoint_restored_into_fresh_objective_continues_exactly(name, device
 
     # as a fresh process: everything rebuilt at its initial values, then restored
     pyro.clear_param_store()
-    objective, model, guide, x = setup(name, device)
+    objective, model, guide, x = setup(name, device, vectorize_particles=vectorize)
     checkpoint.seek(0)
     state = torch.load(checkpoint, weights_only=False)
     pyro.get_param_store().set_state(state["params"])
@@ -176,13 +179,14 @@ def test_checkpoint_restored_into_fresh_objective_continues_exactly(name, device
 
 
 # -- (c) SVI and plain PyTorch ------------------------------------------------------------------
+@LAYOUTS
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NAMES)
-def test_svi_and_module_routes_give_the_same_gradient(name, device):
+def test_svi_and_module_routes_give_the_same_gradient(name, device, vectorize):
     """One SGD step each way from the same start under one seed: SGD's update is the
     gradient times the learning rate, so equal updates are equal gradients."""
     lr = 0.01
-    objective, model, guide, x = setup(name, device)
+    objective, model, guide, x = setup(name, device, vectorize_particles=vectorize)
     initial = values(objective, model, guide)
     svi = SVI(model, guide, pyro.optim.SGD({"lr": lr}), objective)
     pyro.set_rng_seed(5)
@@ -190,7 +194,7 @@ def test_svi_and_module_routes_give_the_same_gradient(name, device):
     via_svi = values(objective, model, guide)
 
     pyro.clear_param_store()
-    objective, model, guide, x = setup(name, device)
+    objective, model, guide, x = setup(name, device, vectorize_particles=vectorize)
     module = objective(model, guide)
     assert isinstance(module, nn.Module)
     optimizer = torch.optim.SGD(module.parameters(), lr=lr)

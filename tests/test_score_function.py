@@ -6,7 +6,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from checks import assert_unbiased, enum_grads, param_grads, store_draws
+from checks import assert_one_path, assert_unbiased, enum_grads, param_grads, store_draws
 from models import (
     X,
     bern_guide,
@@ -62,15 +62,7 @@ def test_downstream_rao_blackwellization_equals_tracegraph_elbo(num_particles):
 
 def test_loss_differentiable_loss_and_loss_and_grads_agree():
     elbo = ScoreFunctionELBO(num_particles=5, control_variate=LeaveOneOutBaseline())
-    pyro.set_rng_seed(3)
-    a = elbo.loss(bern_model, bern_guide, X)
-    pyro.set_rng_seed(3)
-    b = elbo.differentiable_loss(bern_model, bern_guide, X)
-    pyro.set_rng_seed(3)
-    c = elbo.loss_and_grads(bern_model, bern_guide, X)
-    assert isinstance(a, float) and isinstance(c, float)
-    assert a == pytest.approx(b.item()) == pytest.approx(c)
-    assert b.requires_grad
+    assert_one_path(elbo, bern_model, bern_guide, X, seed=3)
 
 
 # -- tier (c): unbiasedness against exact gradients ------------------------------------
@@ -209,14 +201,45 @@ def test_svi_trains_the_neural_baseline_under_documented_names():
     assert cv.weight.item() > 0
 
 
+class BernPair(nn.Module):
+    """bern_model and bern_guide as methods of one module, so that the plain PyTorch
+    route owns their parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.4, 1.2]))
+        self.ab = nn.Parameter(torch.tensor([0.2, 0.5]))
+
+    def model(self, x):
+        pyro.module("bern_pair", self)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Bernoulli(logits=self.w[0]))
+            pyro.sample("x", dist.Normal(3.0 * self.w[1] * z - 1.0, 1.0), obs=x)
+
+    def guide(self, x):
+        pyro.module("bern_pair", self)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Bernoulli(logits=self.ab[0] + self.ab[1] * x))
+
+
 def test_plain_pytorch_module_exposes_control_variates():
     elbo = ScoreFunctionELBO(num_particles=3, control_variate=MovingAverageBaseline())
-    loss_fn = elbo(bern_model, bern_guide)
+    pair = BernPair()
+    loss_fn = elbo(pair.model, pair.guide)  # bound methods: the module is held
     assert isinstance(loss_fn, nn.Module)
+    assert {id(p) for p in pair.parameters()} <= {id(p) for p in loss_fn.parameters()}
     loss = loss_fn(X)
     loss.backward()
     assert "control_variates.z.average" in loss_fn.state_dict()
-    assert pyro.param("ab").grad is not None
+    assert pair.ab.grad is not None and pair.w.grad is not None
+
+
+def test_plain_pytorch_module_refuses_parameters_it_does_not_hold():
+    # bern_guide's pyro.param is not a parameter of the module: a torch optimizer built
+    # from loss_fn.parameters() would never train it, so the first step says so
+    loss_fn = ScoreFunctionELBO(num_particles=3)(bern_model, bern_guide)
+    with pytest.raises(ValueError, match="parameter '(w|ab)' is trained by this objective but"):
+        loss_fn(X)
 
 
 def test_tracegraph_baseline_declarations_work_unchanged():

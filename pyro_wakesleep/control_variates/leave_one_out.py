@@ -17,15 +17,18 @@ class LeaveOneOutBaseline(ControlVariate):
 
     (Kool, van Hoof & Welling, 2019, "Buy 4 REINFORCE samples, get a baseline for
     free!"). Unbiased, stateless, and needs ``num_particles >= 2``.
+
+    Under stochastic control flow a site may appear in only some of the :math:`K`
+    particles; the objective then passes the signals of those particles only, and the
+    mean is over the others among them. That stays unbiased (the other particles are
+    independent of particle :math:`k`'s draws); a site present in a single particle
+    gets no baseline.
     """
 
     min_particles = 2
 
     def forward(self, signal: Tensor, context: SiteContext) -> Advantage:
-        if signal.shape[context.particle_dim] < 2:
-            raise ValueError(
-                f"LeaveOneOutBaseline at site '{context.site}' needs at least 2 particles, got "
-                f"{signal.shape[context.particle_dim]}"
-            )
+        if signal.shape[context.particle_dim] < 2:  # the site is in one particle only
+            return Advantage(signal, zero_loss(signal))
         baseline = leave_one_out_mean(signal, context.particle_dim)
         return Advantage(signal - baseline, zero_loss(signal))

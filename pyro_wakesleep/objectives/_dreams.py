@@ -18,12 +18,14 @@ from typing import Any
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import Delta
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.util import check_site_shape
 from torch import Tensor
 
-from pyro_wakesleep.traces import is_sample, latent_sites
+from pyro_wakesleep._validation import check_finite
+from pyro_wakesleep.traces import is_auxiliary, is_sample, latent_sites
 
 DREAM_PLATE = "num_sleep_particles_vectorized"
 _ADVICE = (
@@ -201,16 +203,38 @@ def sleep_log_q(
     names = latent_sites(guide_trace)
     for name in names:
         node: Any = dream_trace.nodes.get(name)
+        if is_auxiliary(guide_trace.nodes[name]):
+            raise ValueError(
+                f"the sleep phase cannot score dreams with this guide: its site '{name}' is "
+                "auxiliary (infer={'is_auxiliary': True}, as in autoguides such as "
+                "AutoNormal), so the guide has no density at the dreamed latents. Use a "
+                "guide that samples each latent of the model directly, or "
+                "ReweightedWakeSleepELBO with insomnia=1 (wake-phi only, no dreams)"
+            )
         if node is None or not is_sample(node):
             raise ValueError(f"guide site '{name}' does not appear in the model")
         if node["infer"].get("was_observed"):
             raise ValueError(f"site '{name}' is observed in the model but sampled by the guide")
         _check_plates(name, guide_trace.nodes[name], node, guide_args, guide_kwargs)
+    dreamed = [n for n in latent_sites(dream_trace)
+               if not (dream_trace.nodes[n]["infer"] or {}).get("was_observed")]
+    missing = [n for n in dreamed if n not in names]
+    if missing:
+        raise ValueError(
+            f"the guide scored {len(dreamed) - len(missing)} of the {len(dreamed)} latent "
+            f"sites of the dream; it samples no site {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}. {_ADVICE}"
+        )
     guide_trace.compute_log_prob(lambda name, _: name in names)
     total: Tensor | float = 0.0
     for name in names:
         site = guide_trace.nodes[name]
         if is_validation_enabled():
             check_site_shape(site, max_plate_nesting + (num_dreams > 1))  # type: ignore[arg-type]
+        hint = ("the guide's site is a point mass (Delta, as in AutoDelta), which has no "
+                "density at the dream's values; the sleep phase needs a guide with a density"
+                if isinstance(site["fn"], Delta) else "check the guide's support")
+        check_finite(site["log_prob"].detach(), f"sleep-phase guide log-density at site "
+                     f"'{name}'", hint)
         total = total + site["log_prob_sum"]
     return torch.as_tensor(total)

@@ -4,32 +4,24 @@
 from __future__ import annotations
 
 import math
-import numbers
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pyro.infer import ELBO
-from pyro.infer.elbo import ELBOModule
 from pyro.infer.util import torch_item
+from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor
 
-from pyro_wakesleep._validation import check_int
+from pyro_wakesleep._validation import check_bool, check_int, check_real
 from pyro_wakesleep.objectives._site_control import SiteControlVariates
-from pyro_wakesleep.particles import Particles, run_particles
+from pyro_wakesleep.particles import Particles, check_finite_sites, run_particles
 from pyro_wakesleep.traces import guess_max_plate_nesting
 
-
-class ObjectiveModule(ELBOModule):
-    """The :class:`torch.nn.Module` returned by ``objective(model, guide)``: calling it
-    returns :meth:`Objective.differentiable_loss`. Besides the model and guide (when they
-    are modules), it holds the objective's control variates as the submodule
-    ``control_variates``, so that ``parameters()`` and ``state_dict()`` cover them too."""
-
-    def __init__(self, model: Callable, guide: Callable, elbo: Objective) -> None:
-        super().__init__(model, guide, elbo)  # type: ignore[arg-type]
-        self.control_variates = elbo.control_variates
+if TYPE_CHECKING:
+    from pyro_wakesleep.objectives.module import ObjectiveModule
 
 
 class Objective(ELBO):
@@ -47,37 +39,80 @@ class Objective(ELBO):
     Running state (control variates) goes into :attr:`control_variates`, so that
     :meth:`state_dict` saves it.
 
+    The constructor takes the keywords of :class:`pyro.infer.ELBO`, with Pyro's
+    meaning, so that an objective here is a drop-in for Pyro's; every subclass passes
+    them on (its ``**options``).
+
+    *Stochastic control flow.* A program whose structure depends on its draws through
+    Python (``while pyro.sample(...).item() == 1``) cannot run vectorized over
+    particles. If the first vectorized run of an objective fails and one run per
+    particle succeeds, the objective warns once (:class:`RuntimeWarning`) and draws its
+    particles one run after another from then on, with the random state of the failed
+    attempt restored, so the result is the one ``vectorize_particles=False`` gives under
+    the same seed; pass ``vectorize_particles=False`` to silence the warning. If both
+    fail, the sequential error is raised.
+
     :param int num_particles: number of particles (samples) per step.
     :param int max_plate_nesting: bound on the number of nested :class:`pyro.plate`
         contexts in the model and guide; guessed from one run if left infinite.
+    :param int max_iarange_nesting: deprecated name of ``max_plate_nesting`` (warns).
     :param bool vectorize_particles: draw the particles in one vectorized pass (an
-        outermost plate of size ``num_particles``) rather than a Python loop.
+        outermost plate of size ``num_particles``) rather than a Python loop (default
+        ``True``, unlike Pyro's ``False``; see above for programs that cannot).
+    :param bool strict_enumeration_warning: warn about guide sites configured for
+        enumeration (``infer={"enumerate": ...}``), which no objective here enumerates.
+    :param bool ignore_jit_warnings: accepted for compatibility with Pyro's ``Jit*``
+        objectives; no effect (nothing here is traced with :func:`torch.jit.trace`).
+    :param dict jit_options: accepted for compatibility, as ``ignore_jit_warnings``.
     :param bool retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
+    :param float tail_adaptive_beta: accepted for compatibility; it is used only by
+        Pyro's ``TraceTailAdaptive_ELBO`` and has no effect here.
+    :raises TypeError: for an argument of the wrong type, naming it.
+    :raises ValueError: for an argument out of range, naming it.
     """
 
     def __init__(
         self,
         num_particles: int = 1,
         max_plate_nesting: float = math.inf,
+        max_iarange_nesting: int | None = None,
         vectorize_particles: bool = True,
+        strict_enumeration_warning: bool = True,
+        ignore_jit_warnings: bool = False,
+        jit_options: dict | None = None,
         retain_graph: bool | None = None,
+        tail_adaptive_beta: float = -1.0,
     ) -> None:
         num_particles = check_int(num_particles, "num_particles")
-        if not (max_plate_nesting == math.inf or (
-            isinstance(max_plate_nesting, numbers.Integral) and max_plate_nesting >= 0
-        )):
-            raise ValueError(
-                f"max_plate_nesting must be a non-negative int, got {max_plate_nesting!r}"
-            )
+        for name, nesting in (("max_plate_nesting", max_plate_nesting),
+                              ("max_iarange_nesting", max_iarange_nesting)):
+            if nesting is None or nesting == math.inf:
+                continue
+            check_int(nesting, name, minimum=0)
+        for name, flag in (("vectorize_particles", vectorize_particles),
+                           ("strict_enumeration_warning", strict_enumeration_warning),
+                           ("ignore_jit_warnings", ignore_jit_warnings)):
+            check_bool(flag, name)
+        if retain_graph is not None:
+            check_bool(retain_graph, "retain_graph")
+        if jit_options is not None and not isinstance(jit_options, dict):
+            raise TypeError(f"jit_options must be a dict or None, got {jit_options!r}")
+        check_real(tail_adaptive_beta, "tail_adaptive_beta")
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
+            max_iarange_nesting=max_iarange_nesting,
             vectorize_particles=False,
+            strict_enumeration_warning=strict_enumeration_warning,
+            ignore_jit_warnings=ignore_jit_warnings,
+            jit_options=jit_options,
             retain_graph=retain_graph,
+            tail_adaptive_beta=tail_adaptive_beta,
         )
-        self.vectorize_particles = bool(vectorize_particles)
+        self.vectorize_particles = vectorize_particles
         #: the objective's control variates (and any other state), one per site
         self.control_variates: SiteControlVariates = SiteControlVariates()
+        self._vectorizes: bool | None = None  # known after the first vectorized run
 
     # -- the one path --------------------------------------------------------------------
     @abstractmethod
@@ -97,7 +132,7 @@ class Objective(ELBO):
 
     def particles(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-        detach_guide: bool = False,
+        detach_guide: bool = False, check_finite: bool = True,
     ) -> Particles:
         """Runs the particles once, as :class:`~pyro_wakesleep.particles.Particles`
         (see :func:`~pyro_wakesleep.particles.run_particles`). Vectorized particles need
@@ -105,14 +140,22 @@ class Objective(ELBO):
         first time if not given.
 
         :param bool detach_guide: detach the guide's draws (no pathwise gradient).
+        :param bool check_finite: raise ``ValueError`` for a non-finite log-density
+            (:func:`~pyro_wakesleep.particles.check_finite_sites`); an objective that
+            first makes a more specific check of its own passes ``False`` and calls that
+            function itself.
         :rtype: ~pyro_wakesleep.particles.Particles
         """
         vectorize = self.vectorize_particles and self.num_particles > 1
         self._know_plate_nesting(model, guide, args, kwargs, vectorize)
-        return run_particles(
+        particles = run_particles(
             model, guide, args, kwargs, num_particles=self.num_particles, vectorize=vectorize,
             max_plate_nesting=self.max_plate_nesting, detach_guide=detach_guide,
+            strict_enumeration_warning=self.strict_enumeration_warning,
         )
+        if check_finite:
+            check_finite_sites(particles)
+        return particles
 
     def runs(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
@@ -128,6 +171,7 @@ class Objective(ELBO):
             yield run_particles(
                 model, guide, args, kwargs, num_particles=size, vectorize=vectorize,
                 max_plate_nesting=self.max_plate_nesting,
+                strict_enumeration_warning=self.strict_enumeration_warning,
             )
 
     def _know_plate_nesting(
@@ -140,6 +184,40 @@ class Objective(ELBO):
     def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError("objectives in pyro_wakesleep draw traces via particles()")
 
+    def _uses_vectorization(self) -> bool:
+        """Whether a step runs anything vectorized (particles; subclasses add dreams)."""
+        return self.vectorize_particles and self.num_particles > 1
+
+    def _run(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`loss_and_surrogate`, falling back to sequential particles once if the
+        program cannot run vectorized (see the class docstring)."""
+        if self._vectorizes is not None or not self._uses_vectorization():
+            return self.loss_and_surrogate(model, guide, args, kwargs, update)
+        state = get_rng_state()
+        try:
+            result = self.loss_and_surrogate(model, guide, args, kwargs, update)
+        except (RuntimeError, ValueError, TypeError, IndexError) as vectorized_error:
+            set_rng_state(state)
+            self.vectorize_particles = False
+            try:
+                result = self.loss_and_surrogate(model, guide, args, kwargs, update)
+            except Exception:
+                self.vectorize_particles = True
+                raise
+            self._vectorizes = False
+            warnings.warn(
+                f"{type(self).__name__}: the model and guide could not run vectorized over "
+                f"particles ({type(vectorized_error).__name__}: {vectorized_error}), e.g. "
+                "because of stochastic control flow; drawing the particles one run after "
+                "another from now on. Pass vectorize_particles=False to silence this.",
+                RuntimeWarning, stacklevel=3,
+            )
+            return result
+        self._vectorizes = True
+        return result
+
     # -- derived interface ---------------------------------------------------------------
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """An estimate of the loss (see the class docstring for its meaning), without
@@ -148,7 +226,7 @@ class Objective(ELBO):
         :rtype: float
         """
         with torch.no_grad():
-            value, _ = self.loss_and_surrogate(model, guide, args, kwargs, update=False)
+            value, _ = self._run(model, guide, args, kwargs, update=False)
         return torch_item(value)
 
     def differentiable_loss(
@@ -159,7 +237,7 @@ class Objective(ELBO):
 
         :rtype: torch.Tensor
         """
-        value, surrogate = self.loss_and_surrogate(model, guide, args, kwargs, update=True)
+        value, surrogate = self._run(model, guide, args, kwargs, update=True)
         return value + (surrogate - surrogate.detach())
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
@@ -174,8 +252,11 @@ class Objective(ELBO):
         return torch_item(loss)
 
     def __call__(self, model: Callable, guide: Callable) -> ObjectiveModule:
-        """A :class:`torch.nn.Module` computing :meth:`differentiable_loss` for this
-        model and guide, for use with a plain PyTorch optimizer."""
+        """A :class:`~pyro_wakesleep.objectives.ObjectiveModule` computing
+        :meth:`differentiable_loss` for this model and guide, for use with a plain
+        PyTorch optimizer."""
+        from pyro_wakesleep.objectives.module import ObjectiveModule
+
         return ObjectiveModule(model, guide, self)
 
     # -- state -----------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -28,6 +27,7 @@ from pyro_wakesleep.objectives.base import Objective
 from pyro_wakesleep.particles import (
     Particles,
     SiteTensors,
+    check_finite_sites,
     log_guide,
     log_joint,
     run_particles,
@@ -91,24 +91,36 @@ class DisarmELBO(Objective):
     (their conditional expectation).
 
     Reparameterizable sites get pathwise gradients, and the model's parameters the
-    ordinary gradient of :math:`\\log p`; both are averaged over all :math:`1 + S`
-    runs, each of which is a draw from the guide. The full estimate is
+    ordinary gradient of :math:`\\log p`; both use every run, each of which is a draw
+    from the guide. With :math:`h(z) = \\log p_\\theta(x, z) - \\log q_\\phi(z_{\\rm rep})`
+    (reparameterized sites only), :math:`z` the main run, :math:`\\tilde z^{(s)}` site
+    :math:`s`'s antithetic run, and :math:`S, \\tilde S_s` their numbers of discrete
+    sites, the full estimate is
 
     .. math::
 
-        \\nabla \\mathcal L \\approx \\frac{1}{K(1+S)} \\sum_{\\rm runs}
-            \\nabla\\big(\\log p_\\theta(x, z) - \\log q_\\phi(z_{\\rm rep})\\big)
-            + \\frac1K \\sum_{\\rm sites} \\sum_{ij} \\hat g_{ij}\\,\\nabla_\\phi \\alpha_{ij}.
+        \\nabla \\mathcal L \\approx \\frac1K \\sum_{k=1}^K \\Big[
+            \\nabla h(z) + \\sum_s c_s \\nabla\\big(h(\\tilde z^{(s)}) - h(z)\\big)
+            + \\sum_s \\sum_{ij} \\hat g_{ij}\\,\\nabla_\\phi \\alpha_{ij} \\Big],
+        \\qquad c_s = \\frac{1}{1 + (S + \\tilde S_s)/2}.
 
-    ``loss`` is :math:`-\\hat{\\mathcal L}`, the negative ELBO averaged over all runs
-    and particles (scaled by any subsampling), comparable with
+    With a fixed set of discrete sites (:math:`S = \\tilde S_s`) this is the average of
+    :math:`\\nabla h` over all :math:`1 + S` runs. Under stochastic control flow the
+    number of sites varies with the draws, and the plain average would weight draws by
+    how many sites they have (biased); :math:`c_s` is symmetric in the two runs of the
+    pair, which are exchangeable given the sites before :math:`s`, so each correction
+    term has expectation zero and the estimate stays unbiased.
+
+    ``loss`` is :math:`-\\hat{\\mathcal L}`, the negative ELBO combined from all runs in
+    the same way (averaged when the sites are fixed) and over the particles (scaled by
+    any subsampling), comparable with
     :class:`~pyro_wakesleep.objectives.ScoreFunctionELBO`'s. There is no running state.
 
     :param int num_particles: independent antithetic groups :math:`K` per step.
     :param str estimator: ``"disarm"`` (default) or ``"arm"``.
-    :param int max_plate_nesting: see :class:`~pyro_wakesleep.objectives.Objective`.
-    :param bool vectorize_particles: see :class:`~pyro_wakesleep.objectives.Objective`.
-    :param bool retain_graph: see :class:`~pyro_wakesleep.objectives.Objective`.
+    :param options: the keywords of :class:`pyro.infer.ELBO` (``max_plate_nesting``,
+        ``vectorize_particles``, ``strict_enumeration_warning``, ``retain_graph``, ...),
+        with the meaning :class:`~pyro_wakesleep.objectives.Objective` gives them.
     :raises ValueError: for an unknown ``estimator``; at a step, for a guide site that is
         neither reparameterizable nor Bernoulli/categorical (naming it).
     """
@@ -117,12 +129,9 @@ class DisarmELBO(Objective):
         self,
         num_particles: int = 1,
         estimator: Estimator = "disarm",
-        *,
-        max_plate_nesting: float = math.inf,
-        vectorize_particles: bool = True,
-        retain_graph: bool | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(num_particles, max_plate_nesting, vectorize_particles, retain_graph)
+        super().__init__(num_particles, **options)
         if estimator not in ("disarm", "arm"):
             raise ValueError(f"estimator must be 'disarm' or 'arm', got {estimator!r}")
         self.estimator: Estimator = estimator
@@ -148,19 +157,23 @@ class DisarmELBO(Objective):
             if view is not None:
                 views[name] = view
         signals = learning_signals(main, list(views))
-        runs = [main]
         surrogate = torch.zeros(())
+        antis = {}
         for name, view in views.items():
-            anti = self._antithetic(model, guide, args, kwargs, main, name, view)
+            anti = antis[name] = self._antithetic(model, guide, args, kwargs, main, name, view)
             f_anti = learning_signals(anti, [name])[name]
             g = self._gradient(name, signals[name], f_anti, view)
             surrogate = surrogate + (g * view.logits).sum()
-            runs.append(anti)
-        for run in runs:
-            log_p = log_joint(run)
-            surrogate = surrogate + (log_p - log_guide(run, _reparameterized)) / len(runs)
-        elbo = sum((log_joint(run) - log_guide(run) for run in runs), torch.zeros(()))
-        return elbo / len(runs), surrogate
+        for run in (main, *antis.values()):
+            check_finite_sites(run)
+        main_elbo, main_path = _elbo_and_pathwise(main)
+        elbo, pathwise = main_elbo, main_path
+        for anti in antis.values():
+            weight = 1.0 / (1.0 + (len(views) + _num_discrete(anti)) / 2.0)
+            anti_elbo, anti_path = _elbo_and_pathwise(anti)
+            elbo = elbo + weight * (anti_elbo - main_elbo)
+            pathwise = pathwise + weight * (anti_path - main_path)
+        return elbo, surrogate + pathwise
 
     def _antithetic(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, main: Particles,
@@ -181,7 +194,7 @@ class DisarmELBO(Objective):
         return run_particles(
             model, poutine.replay(guide, trace=partial), args, kwargs,
             num_particles=main.num_particles, vectorize=main.vectorized,
-            max_plate_nesting=main.max_plate_nesting,
+            max_plate_nesting=main.max_plate_nesting, pyro_checks=False,
         )
 
     def _gradient(self, name: str, f: Tensor, f_anti: Tensor, view: _Binary) -> Tensor:
@@ -196,6 +209,24 @@ class DisarmELBO(Objective):
         if view.active is not None:
             g = g * view.active
         return g.detach()
+
+
+def _elbo_and_pathwise(run: Particles) -> tuple[Tensor, Tensor]:
+    """A run's ELBO (summed over its particles) and its pathwise surrogate."""
+    log_p = log_joint(run)
+    return log_p - log_guide(run), log_p - log_guide(run, _reparameterized)
+
+
+def _discrete(node: Mapping[str, Any]) -> bool:
+    fn = node["fn"]
+    while isinstance(fn, Independent):
+        fn = fn.base_dist
+    return isinstance(fn, (Bernoulli, Categorical, OneHotCategorical))
+
+
+def _num_discrete(run: Particles) -> int:
+    """The number of discrete (Bernoulli or categorical) guide sites of a run."""
+    return sum(_discrete(run.sites[name].node) for name in run.guide_latents)
 
 
 def _reparameterized(site: SiteTensors) -> bool:

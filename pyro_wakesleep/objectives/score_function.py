@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -18,7 +17,7 @@ from pyro_wakesleep.objectives._site_control import (
     instantiate,
 )
 from pyro_wakesleep.objectives.base import Objective
-from pyro_wakesleep.particles import log_guide, log_joint
+from pyro_wakesleep.particles import check_finite_sites, log_guide, log_joint
 
 __all__ = ["ScoreFunctionELBO"]
 
@@ -59,9 +58,9 @@ class ScoreFunctionELBO(Objective):
         site name to control variate (``None`` for none), or ``None``.
     :param bool force_score_function: use the score-function estimator at every guide
         site, reparameterizable or not (to compare the two estimators).
-    :param int max_plate_nesting: see :class:`~pyro_wakesleep.objectives.Objective`.
-    :param bool vectorize_particles: see :class:`~pyro_wakesleep.objectives.Objective`.
-    :param bool retain_graph: see :class:`~pyro_wakesleep.objectives.Objective`.
+    :param options: the keywords of :class:`pyro.infer.ELBO` (``max_plate_nesting``,
+        ``vectorize_particles``, ``strict_enumeration_warning``, ``retain_graph``, ...),
+        with the meaning :class:`~pyro_wakesleep.objectives.Objective` gives them.
     """
 
     def __init__(
@@ -70,11 +69,9 @@ class ScoreFunctionELBO(Objective):
         control_variate: ControlVariateSpec = None,
         *,
         force_score_function: bool = False,
-        max_plate_nesting: float = math.inf,
-        vectorize_particles: bool = True,
-        retain_graph: bool | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(num_particles, max_plate_nesting, vectorize_particles, retain_graph)
+        super().__init__(num_particles, **options)
         check_spec(control_variate, self.num_particles)
         self.force_score_function = bool(force_score_function)
         self._per_site = dict(control_variate) if isinstance(control_variate, Mapping) else {}
@@ -120,7 +117,8 @@ class ScoreFunctionELBO(Objective):
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
     ) -> tuple[Tensor, Tensor]:
         particles = self.particles(
-            model, guide, args, kwargs, detach_guide=self.force_score_function
+            model, guide, args, kwargs, detach_guide=self.force_score_function,
+            check_finite=False,
         )
         nodes = {name: particles.sites[name].node for name in particles.guide_latents}
         if not self._checked:
@@ -129,6 +127,7 @@ class ScoreFunctionELBO(Objective):
         signals = learning_signals(particles, score_sites)
         for name, signal in signals.items():
             check_finite(signal, f"learning signal at site '{name}'")
+        check_finite_sites(particles)
         log_p = log_joint(particles)
         elbo = log_p - log_guide(particles)
         surrogate = log_p - log_guide(particles, lambda site: site.name not in signals)

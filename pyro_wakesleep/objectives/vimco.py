@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pyro_wakesleep._validation import check_finite
 from pyro_wakesleep.objectives.base import Objective
-from pyro_wakesleep.particles import Particles, log_weights
+from pyro_wakesleep.particles import Particles, check_finite_sites, log_weights
 from pyro_wakesleep.signals import reduce_to_dims, vimco_surrogate
 
 __all__ = ["VimcoELBO"]
@@ -62,21 +62,18 @@ class VimcoELBO(Objective):
     so ``state_dict()`` is empty.
 
     :param int num_particles: particles :math:`K \\ge 2` per element.
-    :param int max_plate_nesting: see :class:`~pyro_wakesleep.objectives.Objective`.
-    :param bool vectorize_particles: see :class:`~pyro_wakesleep.objectives.Objective`.
-    :param bool retain_graph: see :class:`~pyro_wakesleep.objectives.Objective`.
+    :param options: the keywords of :class:`pyro.infer.ELBO` (``max_plate_nesting``,
+        ``vectorize_particles``, ``strict_enumeration_warning``, ``retain_graph``, ...),
+        with the meaning :class:`~pyro_wakesleep.objectives.Objective` gives them.
     :raises ValueError: if ``num_particles < 2``.
     """
 
     def __init__(
         self,
         num_particles: int = 2,
-        *,
-        max_plate_nesting: float = math.inf,
-        vectorize_particles: bool = True,
-        retain_graph: bool | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(num_particles, max_plate_nesting, vectorize_particles, retain_graph)
+        super().__init__(num_particles, **options)
         if self.num_particles < 2:
             raise ValueError(
                 "VimcoELBO needs num_particles >= 2 for its leave-one-out baselines, got "
@@ -86,9 +83,10 @@ class VimcoELBO(Objective):
     def loss_and_surrogate(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
     ) -> tuple[Tensor, Tensor]:
-        particles = self.particles(model, guide, args, kwargs)
+        particles = self.particles(model, guide, args, kwargs, check_finite=False)
         weights = log_weights(particles)
         check_finite(weights.value, "log importance weights (VimcoELBO)")
+        check_finite_sites(particles)
         log_q = score_log_q(particles, weights.plate_dims)
         surrogate = vimco_surrogate(weights.value, log_q, dim=0)
         bound = surrogate.detach()

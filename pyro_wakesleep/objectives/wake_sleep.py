@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from pyro_wakesleep._validation import check_bool, check_int, check_real
 from pyro_wakesleep.objectives._dreams import (
     DreamArgs,
     check_param_owners,
@@ -37,22 +38,19 @@ class _WakeSleep(Objective):
 
     def __init__(
         self, num_particles: int, num_sleep_particles: int | None, dream_args: DreamArgs | None,
-        max_plate_nesting: float, vectorize_particles: bool, retain_graph: bool | None,
+        **options: Any,
     ) -> None:
-        super().__init__(num_particles, max_plate_nesting, vectorize_particles, retain_graph)
+        super().__init__(num_particles, **options)
         if num_sleep_particles is None:
             num_sleep_particles = self.num_particles
-        if isinstance(num_sleep_particles, bool) or not isinstance(
-            num_sleep_particles, numbers.Integral
-        ):
-            raise TypeError(f"num_sleep_particles must be an int, got {num_sleep_particles!r}")
-        if num_sleep_particles < 1:
-            raise ValueError(f"num_sleep_particles must be >= 1, got {num_sleep_particles}")
         if dream_args is not None and not callable(dream_args):
             raise TypeError(f"dream_args must be callable or None, got {dream_args!r}")
-        self.num_sleep_particles = int(num_sleep_particles)
+        self.num_sleep_particles = check_int(num_sleep_particles, "num_sleep_particles")
         self.dream_args = dream_args
         self._phase_losses: dict[str, Tensor] = {}
+
+    def _uses_vectorization(self) -> bool:
+        return self.vectorize_particles and max(self.num_particles, self.num_sleep_particles) > 1
 
     @property
     def last_phase_losses(self) -> dict[str, float]:
@@ -122,9 +120,9 @@ class WakeSleepELBO(_WakeSleep):
         (a copy of ``kwargs``; do not modify ``args``' contents). ``None``: replace the
         observed tensors automatically, or raise ``ValueError`` naming the observed
         site(s) if the guide receives none of them.
-    :param int max_plate_nesting: see :class:`~pyro_wakesleep.objectives.Objective`.
-    :param bool vectorize_particles: draw particles and dreams in one vectorized pass.
-    :param bool retain_graph: see :class:`~pyro_wakesleep.objectives.Objective`.
+    :param options: the keywords of :class:`pyro.infer.ELBO` (``max_plate_nesting``,
+        ``vectorize_particles`` -- which here vectorizes dreams too --, ``retain_graph``,
+        ...), with the meaning :class:`~pyro_wakesleep.objectives.Objective` gives them.
 
     References: Hinton, Dayan, Frey & Neal (1995), *The "wake-sleep" algorithm for
     unsupervised neural networks*, Science 268.
@@ -136,12 +134,9 @@ class WakeSleepELBO(_WakeSleep):
         num_sleep_particles: int | None = None,
         *,
         dream_args: DreamArgs | None = None,
-        max_plate_nesting: float = math.inf,
-        vectorize_particles: bool = True,
-        retain_graph: bool | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(num_particles, num_sleep_particles, dream_args, max_plate_nesting,
-                         vectorize_particles, retain_graph)
+        super().__init__(num_particles, num_sleep_particles, dream_args, **options)
 
     def loss_and_surrogate(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
@@ -193,15 +188,23 @@ class ReweightedWakeSleepELBO(_WakeSleep):
     (:math:`-c\\sum_i\\sum_k \\tilde w_{ik} \\log q_\\phi(z_{ik}\\mid x_i)`) and, when
     :math:`\\alpha < 1`, ``"sleep_phi"``.
 
+    The positional parameters are those of :class:`pyro.infer.ReweightedWakeSleep`, in
+    its order, so that changing the class name is the whole swap.
+
     :param int num_particles: particles :math:`K \\ge 2` per datapoint.
     :param float insomnia: the weight :math:`\\alpha \\in [0, 1]` of wake-:math:`\\phi`
         against sleep-:math:`\\phi` (1: wake-:math:`\\phi` only, no dreams).
+    :param bool model_has_params: accepted for Pyro's signature, no effect: which
+        parameters belong to the model is read off the traces.
     :param int num_sleep_particles: dreams :math:`S` per step (``None``: :math:`K`).
+    :param bool vectorize_particles: draw particles and dreams in one vectorized pass.
+    :param int max_plate_nesting: see :class:`~pyro_wakesleep.objectives.Objective`.
+    :param bool strict_enumeration_warning: see
+        :class:`~pyro_wakesleep.objectives.Objective`.
     :param callable dream_args: how to feed dreams to the guide; see
         :class:`WakeSleepELBO`.
-    :param int max_plate_nesting: see :class:`~pyro_wakesleep.objectives.Objective`.
-    :param bool vectorize_particles: draw particles and dreams in one vectorized pass.
-    :param bool retain_graph: see :class:`~pyro_wakesleep.objectives.Objective`.
+    :param options: the other keywords of :class:`pyro.infer.ELBO` (``retain_graph``,
+        ...), with the meaning :class:`~pyro_wakesleep.objectives.Objective` gives them.
 
     References: Bornschein & Bengio (2015), *Reweighted wake-sleep*, ICLR; Le, Kosiorek,
     Siddharth, Teh & Wood (2019), *Revisiting reweighted wake-sleep for models with
@@ -212,28 +215,30 @@ class ReweightedWakeSleepELBO(_WakeSleep):
         self,
         num_particles: int = 2,
         insomnia: float = 1.0,
+        model_has_params: bool = True,
         num_sleep_particles: int | None = None,
+        vectorize_particles: bool = True,
+        max_plate_nesting: float = math.inf,
+        strict_enumeration_warning: bool = True,
         *,
         dream_args: DreamArgs | None = None,
-        max_plate_nesting: float = math.inf,
-        vectorize_particles: bool = True,
-        retain_graph: bool | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(num_particles, num_sleep_particles, dream_args, max_plate_nesting,
-                         vectorize_particles, retain_graph)
+        super().__init__(
+            num_particles, num_sleep_particles, dream_args,
+            vectorize_particles=vectorize_particles, max_plate_nesting=max_plate_nesting,
+            strict_enumeration_warning=strict_enumeration_warning, **options,
+        )
+        #: accepted for :class:`pyro.infer.ReweightedWakeSleep`'s signature; no effect
+        self.model_has_params = check_bool(model_has_params, "model_has_params")
         if self.num_particles < 2:
             raise ValueError(
                 f"reweighted wake-sleep needs num_particles >= 2 to self-normalize "
                 f"importance weights, got {self.num_particles}"
             )
-        if isinstance(insomnia, bool) or not isinstance(insomnia, numbers.Real):
-            raise TypeError(f"insomnia must be a float in [0, 1], got {insomnia!r}")
-        if not 0.0 <= float(insomnia) <= 1.0:
-            raise ValueError(
-                f"insomnia (the wake-phi weight of the mixture with sleep-phi) must be in "
-                f"[0, 1], got {insomnia!r}"
-            )
-        self.insomnia: float = float(insomnia)
+        self.insomnia = check_real(
+            insomnia, "insomnia", 0.0, 1.0, " (the wake-phi weight of the mixture with sleep-phi)"
+        )
 
     def loss_and_surrogate(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool

@@ -1,0 +1,240 @@
+"""Checkpoint files of :func:`~pyro_wakesleep.training.fit`.
+
+Writes are atomic (a temporary file in the same directory, then :func:`os.replace`), so
+a crash or a second Ctrl-C during a save leaves the previous checkpoint intact; reads
+turn a corrupt, empty or foreign file into a :class:`ValueError` naming the path; and
+:func:`check_compatible` compares a checkpoint with the run about to resume from it
+before anything is loaded, naming the parameter or control variate that differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer import SVI
+from pyro.util import get_rng_state, set_rng_state
+
+__all__ = ["check_checkpoint_path", "check_compatible", "load_checkpoint",
+           "restore_training_state", "save_checkpoint", "training_state"]
+
+FORMAT = "pyro_wakesleep.fit/1"
+
+
+def _prepare(path: str | os.PathLike) -> tuple[str, str]:
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    return path, directory
+
+
+def check_checkpoint_path(path: str | os.PathLike) -> None:
+    """Checks, before training, that a checkpoint can be written at ``path``: creates its
+    directory (as saving does) and a temporary file in it, which it removes.
+
+    :param path: the checkpoint file.
+    :raises ValueError: naming ``path`` if it is a directory or cannot be written.
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {os.fspath(path)!r} is a directory, not a file")
+    try:
+        _, directory = _prepare(path)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"cannot write checkpoint {os.fspath(path)!r}: {error}") from error
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """Saves ``state`` with :func:`torch.save` atomically: into a temporary file in the
+    same directory, flushed to disk, then renamed over ``path``. If the save fails the
+    temporary file is removed and a previous file at ``path`` is untouched.
+
+    :param path: the checkpoint file.
+    :param dict state: what to save.
+    """
+    path, directory = _prepare(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # also a second Ctrl-C in the middle of the write
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a checkpoint written by :func:`~pyro_wakesleep.training.fit`. Checkpoints
+    are pickles (:func:`torch.load` with ``weights_only=False``): load only your own.
+
+    :param path: the checkpoint file.
+    :rtype: dict
+    :raises ValueError: naming ``path`` if the file is empty, corrupt or not a
+        checkpoint of ``fit()``.
+    """
+    hint = "delete it, or pass resume=False to start over"
+    try:
+        saved = torch.load(path, weights_only=False)
+    except Exception as error:
+        raise ValueError(f"checkpoint {os.fspath(path)!r} cannot be read (empty or "
+                         f"corrupt: {type(error).__name__}: {error}); {hint}") from error
+    if not isinstance(saved, Mapping) or saved.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not a checkpoint of fit(); {hint}")
+    return dict(saved)
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _compare(what: str, saved: Mapping[str, Any], current: Mapping[str, Any],
+             missing_ok: Collection[str] = (), unexpected_ok: Collection[str] = ()) -> None:
+    for name in current:
+        if name not in saved and name not in missing_ok:
+            raise ValueError(f"{what} '{name}' of this run is missing from the checkpoint")
+    for name in saved:
+        if name not in current and name not in unexpected_ok:
+            raise ValueError(f"the checkpoint has {what} '{name}', which this run does "
+                             "not have")
+    for name in saved.keys() & current.keys():
+        if _shape(saved[name]) != _shape(current[name]):
+            raise ValueError(f"{what} '{name}' has shape {_shape(saved[name])} in the "
+                             f"checkpoint but {_shape(current[name])} in this run")
+
+
+def _site(key: str) -> str:
+    return key.partition(".")[0]
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any],
+                     existing_sites: Collection[str] = ()) -> None:
+    """Checks that the training state ``saved`` (from a checkpoint) belongs to the run
+    whose state is ``current``: the same parameters with the same shapes, the same
+    control-variate state, the same route and optimizer layout. Reads only.
+
+    Control variates created lazily, one per site at its first step, may exist on one
+    side only: a site the run has not reached yet keeps its saved state until it is
+    created, and one the checkpoint never reached starts fresh. Their parameters are
+    exempt from the parameter check likewise (listed in ``"control_variate_params"``).
+
+    :param dict saved: the ``"trainer"`` entry of a checkpoint.
+    :param dict current: the same entry of this run, after its parameters exist.
+    :param existing_sites: control-variate sites the objective had before that (given
+        per site at construction): these must be in the checkpoint.
+    :raises ValueError: naming the first parameter, control variate or optimizer
+        setting that differs.
+    """
+    if ("module" in saved) != ("module" in current):
+        kind = {True: "fit(module, optimizer=...)", False: "fit(SVI)"}
+        raise ValueError(f"the checkpoint was written by {kind['module' in saved]}, but "
+                         f"this run is {kind['module' in current]}")
+    saved_params, params = saved["params"]["params"], current["params"]["params"]
+    _compare("parameter", saved_params, params, current.get("control_variate_params", ()),
+             saved.get("control_variate_params", ()))
+    objective, saved_objective = current.get("objective") or {}, saved.get("objective") or {}
+    saved_sites, sites = {_site(k) for k in saved_objective}, {_site(k) for k in objective}
+    _compare("control variate state", saved_objective, objective,
+             [k for k in objective if _site(k) not in saved_sites | set(existing_sites)],
+             [k for k in saved_objective if _site(k) not in sites])
+    if "module" in current:
+        prefix = current.get("control_variate_prefix")
+        keep = {k for k in current["module"] | saved["module"]
+                if prefix is None or not k.startswith(f"{prefix}.")}
+        _compare("module state", {k: v for k, v in saved["module"].items() if k in keep},
+                 {k: v for k, v in current["module"].items() if k in keep})
+        sizes = [[len(g["params"]) for g in s["optimizer"]["param_groups"]]
+                 for s in (saved, current)]
+        if sizes[0] != sizes[1]:
+            raise ValueError(f"the optimizer has param groups of sizes {sizes[1]} in this "
+                             f"run but {sizes[0]} in the checkpoint")
+
+
+def training_state(trainer: Any, optimizer: torch.optim.Optimizer | None,
+                   loss: Any) -> dict[str, Any]:
+    """A copy of the training state: the param store, the objective's ``state_dict()``
+    (with its control variates), the optimizer state, and for the module route the
+    module's ``state_dict()``.
+
+    :param trainer: a :class:`pyro.infer.SVI` or an :class:`pyro.infer.elbo.ELBOModule`.
+    :param torch.optim.Optimizer optimizer: the module route's optimizer, else ``None``.
+    :param loss: the objective (``None`` if unknown).
+    :rtype: dict
+    """
+    objective = getattr(loss, "state_dict", None)
+    store = pyro.get_param_store()
+    cvs = getattr(loss, "control_variates", None)
+    ids = {id(p) for p in cvs.parameters()} if isinstance(cvs, torch.nn.Module) else set()
+    state: dict[str, Any] = {
+        "params": store.get_state(), "objective": objective() if callable(objective)
+        else None, "control_variate_params": [
+            n for n, p in store.named_parameters() if id(p) in ids]}
+    if isinstance(trainer, SVI):
+        state["optimizer"] = trainer.optim.get_state()
+    else:
+        assert optimizer is not None
+        state["module"] = trainer.state_dict()
+        state["optimizer"] = optimizer.state_dict()
+        state["control_variate_prefix"] = next(
+            (n for n, m in trainer.named_modules() if m is cvs and n), None)
+    return copy.deepcopy(state)
+
+
+def restore_training_state(state: Mapping[str, Any], trainer: Any,
+                           optimizer: torch.optim.Optimizer | None, loss: Any,
+                           warm_up: Callable[[], Any]) -> None:
+    """Restores what :func:`training_state` returned, in place (modules and optimizers
+    keep their tensors), after checking it with :func:`check_compatible`.
+
+    :param callable warm_up: runs the objective once (e.g. its ``loss``), so that the
+        parameters and lazily created control variates exist; what it registers is
+        undone, and the random number generators restored, if the check fails.
+    :raises ValueError: from :func:`check_compatible`, with nothing changed.
+    """
+    store, cvs = pyro.get_param_store(), getattr(loss, "control_variates", None)
+    cvs = cvs if isinstance(cvs, torch.nn.Module) else torch.nn.Module()
+    names, children, rng = set(store.keys()), dict(cvs.named_children()), get_rng_state()
+    objective = getattr(loss, "state_dict", None)
+    sites = {k.partition(".")[0] for k in (objective() if callable(objective) else {})}
+    with poutine.block():
+        warm_up()
+    try:
+        check_compatible(state, training_state(trainer, optimizer, loss), sites)
+    except ValueError:  # undo what the warm-up created
+        for name in set(store.keys()) - names:
+            del store[name]
+        for name, _ in list(cvs.named_children()):
+            if name not in children:
+                delattr(cvs, name)
+        set_rng_state(rng)
+        raise
+    current = dict(store.named_parameters())
+    saved = state["params"]
+    missing = {n: v for n, v in saved["params"].items() if n not in current}
+    with torch.no_grad():
+        for name, value in saved["params"].items():
+            if name in current:
+                current[name].copy_(value)
+    store.set_state({"params": missing, "constraints": {
+        n: c for n, c in saved["constraints"].items() if n in missing}})
+    if state.get("objective") is not None and loss is not None:
+        # control variates that only this run has created keep their fresh state
+        loss.load_state_dict({**loss.state_dict(), **state["objective"]})
+    if isinstance(trainer, SVI):
+        trainer.optim.optim_objs.clear()  # rebuilt from the loaded state
+        trainer.optim.set_state(copy.deepcopy(state["optimizer"]))
+    else:
+        assert optimizer is not None
+        trainer.load_state_dict({**trainer.state_dict(), **state["module"]})
+        optimizer.load_state_dict(state["optimizer"])
