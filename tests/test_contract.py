@@ -53,7 +53,8 @@ OBJECTIVES = {
     "arm": lambda device, **kw: DisarmELBO(2, "arm", **kw),
     "wake_sleep": lambda device, **kw: WakeSleepELBO(2, 2, **kw),
     "rws": lambda device, **kw: ReweightedWakeSleepELBO(3, 1.0, **kw),
-    "rws_half_insomnia": lambda device, **kw: ReweightedWakeSleepELBO(3, 0.5, num_sleep_particles=2, **kw),
+    "rws_half_insomnia": lambda device, **kw: ReweightedWakeSleepELBO(
+        3, 0.5, num_sleep_particles=2, **kw),
 }
 NAMES = sorted(OBJECTIVES)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

@@ -203,3 +203,216 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint"):
         fit(svi, (x,), 2, checkpoint=bogus)
     assert not os.path.exists(tmp_path / "never.ckpt.tmp")
+
+
+# -- checkpoints: a different model, corrupt files, unwritable paths, atomic saves -----------
+def _svi(params, control_variate=None):
+    """SVI on the Gaussian model whose guide has ``params`` (name -> initial value)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+
+    def model(x):
+        loc = pyro.sample("loc", pyro.distributions.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", pyro.distributions.Normal(loc, 1.0), obs=x)
+
+    def guide(x):
+        values = [pyro.param(name, value).sum() for name, value in params.items()]
+        pyro.sample("loc", pyro.distributions.Normal(sum(values), 0.5))
+
+    loss = ScoreFunctionELBO(num_particles=2, control_variate=control_variate,
+                             force_score_function=True)
+    return pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), loss), loss
+
+
+X = (torch.tensor([1.0, 2.0, 1.5]),)
+Q = {"q_loc": torch.tensor(0.0), "q_shift": torch.tensor(0.1)}
+
+
+@pytest.mark.parametrize("params, control_variate, match", [
+    ({"q_loc": torch.tensor(0.0)}, None, "checkpoint has parameter 'q_shift', which"),
+    ({**Q, "q_new": torch.tensor(0.0)}, None, "parameter 'q_new' of this run is missing"),
+    ({**Q, "q_loc": torch.zeros(2)}, None,
+     r"parameter 'q_loc' has shape \(\) in the checkpoint but \(2,\) in this run"),
+    (Q, {"loc": MovingAverageBaseline()}, "control variate state 'loc.average' of this run"),
+])
+def test_resume_from_another_model_raises_and_changes_nothing(tmp_path, params,
+                                                              control_variate, match):
+    ckpt = tmp_path / "run.ckpt"
+    svi, _ = _svi(Q, MovingAverageBaseline() if control_variate is None else None)
+    fit(svi, X, 3, checkpoint=ckpt, progress=False)
+    before = ckpt.read_bytes()
+    svi, loss = _svi(params, control_variate)
+    store = pyro.get_param_store()
+    pyro.param("unrelated", torch.tensor(7.0))
+    objective, rng = loss.state_dict(), torch.get_rng_state()
+    with pytest.raises(ValueError, match=match):
+        fit(svi, X, 6, checkpoint=ckpt, progress=False)
+    assert list(store.keys()) == ["unrelated"] and pyro.param("unrelated").item() == 7.0
+    assert loss.state_dict().keys() == objective.keys()
+    assert all(torch.equal(loss.state_dict()[k], objective[k]) for k in objective)
+    assert svi.optim.get_state() == {} and torch.equal(torch.get_rng_state(), rng)
+    assert ckpt.read_bytes() == before
+
+
+def test_resume_from_another_route_or_optimizer_raises(tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    svi, loss = _svi(Q)
+    fit(svi, X, 2, checkpoint=ckpt, progress=False)
+
+    class Guide(pyro.nn.PyroModule):
+        def __init__(self, n):
+            super().__init__()
+            self.q = torch.nn.Parameter(torch.zeros(n))
+
+        def forward(self, x):
+            pyro.sample("loc", pyro.distributions.Normal(self.q.sum(), 0.5))
+
+    svi, loss = _svi(Q)
+    module = loss(svi.model, Guide(1))
+    optimizer = torch.optim.Adam(module.parameters())
+    with pytest.raises(ValueError, match=r"written by fit\(SVI\).*this run is fit\(module"):
+        fit(module, X, 4, optimizer=optimizer, checkpoint=ckpt, progress=False)
+    ckpt = tmp_path / "module.ckpt"
+    fit(module, X, 2, optimizer=optimizer, checkpoint=ckpt, progress=False)
+    module = loss(svi.model, Guide(2))
+    with pytest.raises(ValueError, match=r"module state 'guide.q' has shape \(1,\)"):
+        fit(module, X, 4, optimizer=torch.optim.Adam(module.parameters()), checkpoint=ckpt,
+            progress=False)
+    module = loss(svi.model, Guide(1))
+    extra = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match=r"param groups of sizes \[2\] in this run but \[1\]"):
+        fit(module, X, 4, optimizer=torch.optim.Adam([*module.parameters(), extra]),
+            checkpoint=ckpt, progress=False)
+
+
+def test_resume_keeps_state_of_lazily_created_control_variates(tmp_path):
+    # a site reached only at later steps (stochastic control flow): its control variate's
+    # saved state is kept until this run creates it, and resuming is not refused
+    calls = [0]
+
+    def build():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        calls[0] = 0
+
+        def model(x):
+            pyro.sample("a", pyro.distributions.Normal(0.0, 1.0))
+            if calls[0] > 2:
+                pyro.sample("late", pyro.distributions.Normal(0.0, 1.0))
+            pyro.sample("x", pyro.distributions.Normal(0.0, 1.0), obs=x)
+
+        def guide(x):
+            calls[0] += 1
+            q = pyro.param("q", torch.tensor(0.0))
+            pyro.sample("a", pyro.distributions.Normal(q, 1.0))
+            if calls[0] > 2:
+                pyro.sample("late", pyro.distributions.Normal(q, 1.0))
+
+        loss = ScoreFunctionELBO(control_variate=MovingAverageBaseline(),
+                                 force_score_function=True)
+        return pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), loss), loss
+
+    ckpt = tmp_path / "run.ckpt"
+    svi, loss = build()
+    fit(svi, (torch.tensor(1.0),), 5, checkpoint=ckpt, progress=False)
+    saved = loss.state_dict()
+    assert "late.average" in saved
+    svi, loss = build()
+    fit(svi, (torch.tensor(1.0),), 5, checkpoint=ckpt, progress=False)  # resumes, at the end
+    assert torch.equal(loss.state_dict()["late.average"], saved["late.average"])
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "truncated"])
+def test_corrupt_or_empty_checkpoint_is_a_clear_error(tmp_path, content):
+    ckpt = tmp_path / "run.ckpt"
+    if content == "truncated":
+        svi, _ = _svi(Q)
+        fit(svi, X, 2, checkpoint=ckpt, progress=False)
+        content = ckpt.read_bytes()[:100]
+    ckpt.write_bytes(content)
+    svi, _ = _svi(Q)
+    with pytest.raises(ValueError, match=r"run\.ckpt' cannot be read.*resume=False"):
+        fit(svi, X, 2, checkpoint=ckpt, progress=False)
+    assert list(pyro.get_param_store().keys()) == []
+    torch.save([1, 2], ckpt)
+    with pytest.raises(ValueError, match="not a checkpoint of fit"):
+        fit(svi, X, 2, checkpoint=ckpt, progress=False)
+
+
+def test_unwritable_checkpoint_path_is_found_before_training(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    steps = []
+    for path, match in [(tmp_path / "a_file" / "run.ckpt", "cannot write checkpoint"),
+                        (tmp_path, "is a directory")]:
+        svi, _ = _svi(Q)
+        with pytest.raises(ValueError, match=match) as error:
+            fit(svi, X, 2, checkpoint=path, callbacks=[steps.append], progress=False)
+        assert str(path) in str(error.value)
+    assert steps == [] and list(pyro.get_param_store().keys()) == []
+    svi, _ = _svi(Q)  # a directory that does not exist yet is created, as before
+    fit(svi, X, 1, checkpoint=tmp_path / "new" / "dir" / "run.ckpt", progress=False)
+    assert os.listdir(tmp_path / "new" / "dir") == ["run.ckpt"]
+
+
+def test_a_crash_during_a_save_loses_nothing(tmp_path, monkeypatch):
+    ckpt = tmp_path / "run.ckpt"
+    svi, _ = _svi(Q)
+    fit(svi, X, 2, checkpoint=ckpt, progress=False)
+    save = torch.save
+
+    def crash(obj, f, *args, **kwargs):  # writes half a file, then dies
+        save(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "r+b") as file:
+                file.truncate(50)
+        else:
+            f.seek(50)
+            f.truncate()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    svi, _ = _svi(Q)
+    with pytest.raises(OSError, match="disk full"):
+        fit(svi, X, 4, checkpoint=ckpt, checkpoint_every=1, progress=False)
+    assert os.listdir(tmp_path) == ["run.ckpt"]  # no temporary file left behind
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+
+
+def _callback(info):
+    return None
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"patience": "3", "validation": X}, TypeError, "patience must be an int"),
+    ({"patience": 0, "validation": X}, ValueError, "patience must be >= 1"),
+    ({"callbacks": [None]}, TypeError, r"callbacks\[0\] must be callable, got None"),
+    ({"callbacks": [_callback, 3]}, TypeError, r"callbacks\[1\] must be callable"),
+    ({"callbacks": _callback}, TypeError, "callbacks must be a list"),
+    ({"validation": 5}, TypeError, "validation must be"),
+    ({"validation": "x"}, TypeError, "validation must be"),
+    ({"num_steps": "3"}, TypeError, "num_steps must be an int"),
+    ({"num_steps": 2.0}, TypeError, "num_steps must be an int"),
+    ({"validate_every": 0}, ValueError, "validate_every must be >= 1"),
+    ({"checkpoint_every": "2"}, TypeError, "checkpoint_every must be an int"),
+    ({"gradient_stats_every": 0}, ValueError, "gradient_stats_every must be >= 1"),
+    ({"gradient_stats_draws": 1}, ValueError, "gradient_stats_draws must be >= 2"),
+    ({"min_delta": "0"}, TypeError, "min_delta must be a float"),
+    ({"min_delta": -1.0}, ValueError, "min_delta must be in"),
+    ({"restore_best": "yes", "validation": X}, TypeError, "restore_best must be a bool"),
+    ({"resume": None}, TypeError, "resume must be a bool"),
+    ({"progress": 1}, TypeError, "progress must be a bool"),
+    ({"checkpoint": 5}, TypeError, "checkpoint must be a path"),
+    ({"description": 5}, TypeError, "description must be a str"),
+    ({"optimizer": "adam"}, TypeError, "optimizer must be a torch.optim.Optimizer"),
+    ({"optimizer": torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)},
+     ValueError, "optimizer is for fit\\(module"),
+    ({"patience": 2}, ValueError, "need validation"),
+    ({"restore_best": True}, ValueError, "need validation"),
+])
+def test_bad_arguments_are_refused_before_training(kwargs, error, match):
+    svi, _ = _svi(Q)
+    kwargs = {"num_steps": 3, "progress": False, **kwargs}
+    with pytest.raises(error, match=match):
+        fit(svi, X, **kwargs)
+    assert list(pyro.get_param_store().keys()) == []  # no step was taken

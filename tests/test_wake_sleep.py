@@ -115,7 +115,8 @@ X01 = torch.tensor([0.0, 1.0]).repeat(40)  # 40 datapoints of each value
 @pytest.mark.parametrize("insomnia", [1.0, 0.0, 0.3])
 def test_rws_expected_gradient_is_exact(vectorize: bool, insomnia: float) -> None:
     tiny, k, sleep = Tiny(), 3, 4
-    objective = ReweightedWakeSleepELBO(k, insomnia, num_sleep_particles=sleep, vectorize_particles=vectorize)
+    objective = ReweightedWakeSleepELBO(k, insomnia, num_sleep_particles=sleep,
+                                        vectorize_particles=vectorize)
     mean, se = estimates(objective, tiny, 60, lambda _: (X01,))
     theta0, phi0 = tiny.exact_rws(0.0, k)
     theta1, phi1 = tiny.exact_rws(1.0, k)
@@ -348,7 +349,8 @@ def test_bad_models_and_guides() -> None:
 
 # -- routes -------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "make", [lambda: WakeSleepELBO(), lambda: ReweightedWakeSleepELBO(3, 0.5, num_sleep_particles=1)]
+    "make",
+    [lambda: WakeSleepELBO(), lambda: ReweightedWakeSleepELBO(3, 0.5, num_sleep_particles=1)],
 )
 def test_svi_and_module_routes(make) -> None:
     sbn = SigmoidBeliefNet((8, 4))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pyro_wakesleep._validation import check_real
 from pyro_wakesleep.control_variates.base import Advantage, ControlVariate, SiteContext, zero_loss
 from pyro_wakesleep.signals import debiased_average, ema_update
 
@@ -36,6 +37,7 @@ class MovingAverageBaseline(ControlVariate):
 
     def __init__(self, beta: float = 0.9) -> None:
         super().__init__()
+        beta = check_real(beta, "MovingAverageBaseline: beta")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"MovingAverageBaseline: beta must lie in [0, 1), got {beta!r}")
         self.beta = float(beta)

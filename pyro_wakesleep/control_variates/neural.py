@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from pyro_wakesleep._validation import check_bool, check_real
 from pyro_wakesleep.control_variates.base import (
     Advantage,
     ControlVariate,
@@ -70,13 +71,16 @@ class NeuralBaseline(ControlVariate):
             raise TypeError(f"NeuralBaseline: module must be a torch.nn.Module, got {module!r}")
         if input is not None and not callable(input):
             raise TypeError(f"NeuralBaseline: input must be callable or None, got {input!r}")
+        decay = check_real(decay, "NeuralBaseline: decay")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"NeuralBaseline: decay must lie in [0, 1), got {decay!r}")
         self.module = module
         self.input = input
         self.decay = float(decay)
-        self.center = center
-        self.normalize_variance = normalize_variance
+        self.center = check_bool(center, "NeuralBaseline: center")
+        self.normalize_variance = check_bool(
+            normalize_variance, "NeuralBaseline: normalize_variance"
+        )
         self.register_buffer("mean", torch.zeros(()))
         self.register_buffer("variance", torch.zeros(()))
         self.register_buffer("weight", torch.zeros(()))

@@ -41,6 +41,19 @@ __all__ = ["from_guide", "from_mcmc", "from_samples", "to_arviz"]
 Dims = Mapping[str, Sequence[str]] | None
 
 
+def _check_dims(dims: Dims, coords: Mapping[str, Any] | None) -> None:
+    """Raises ``TypeError`` naming the entry of ``dims``/``coords`` of the wrong type
+    (before anything is drawn)."""
+    if dims is not None:
+        if not isinstance(dims, Mapping):
+            raise TypeError(f"dims must be a dict of site name to dimension names, got {dims!r}")
+        for name, names in dims.items():
+            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+                raise TypeError(f"dims['{name}'] must be a sequence of str, got {names!r}")
+    if coords is not None and not isinstance(coords, Mapping):
+        raise TypeError(f"coords must be a dict of dimension name to values, got {coords!r}")
+
+
 def _convert(fit: Fit, independent: bool, given: Sequence[str] | None, dims: Dims,
              coords: Mapping[str, Any] | None, predictive: bool, loglik: bool) -> Any:
     layout = sample_dims(given, independent)
@@ -83,6 +96,7 @@ def from_guide(
         log-densities (naming the site).
     """
     arviz_backend()
+    _check_dims(dims, coords)
     fit = guide_fit(model, guide, args, kwargs, num_samples, max_plate_nesting)
     return _convert(fit, True, sample_dims, dims, coords, posterior_predictive,
                     log_likelihood)
@@ -116,6 +130,7 @@ def from_mcmc(
         observed sites (unless ``log_likelihood=False``), or non-finite log-densities.
     """
     arviz_backend()
+    _check_dims(dims, coords)
     fit = mcmc_fit(mcmc, args, kwargs, max_plate_nesting)
     return _convert(fit, False, sample_dims, dims, coords, posterior_predictive,
                     log_likelihood)
@@ -151,6 +166,7 @@ def from_samples(
         (unless ``log_likelihood=False``), or non-finite log-densities.
     """
     arviz_backend()
+    _check_dims(dims, coords)
     fit = samples_fit(model, dict(samples), 1, args, kwargs, max_plate_nesting, {})
     return _convert(fit, True, sample_dims, dims, coords, posterior_predictive,
                     log_likelihood)

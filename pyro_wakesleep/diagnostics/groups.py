@@ -47,7 +47,7 @@ def datasets(fit: Fit, sample_dims: Sequence[str], dims: Mapping[str, Sequence[s
     for group in groups.values():
         for name, (default, array) in list(group.items()):
             if name in dims:
-                given = list(dims[name])[:len(default)]
+                given = list(dims[name])
                 if len(given) != len(default):
                     raise ValueError(f"dims for '{name}' name {len(given)} dimensions, "
                                      f"its draws have {len(default)}: {default}")

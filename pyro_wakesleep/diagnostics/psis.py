@@ -21,6 +21,7 @@ import torch
 from pyro.ops.stats import fit_generalized_pareto
 from torch import Tensor
 
+from pyro_wakesleep._validation import check_int
 from pyro_wakesleep.diagnostics.backend import arviz_backend, as_chain_draw
 from pyro_wakesleep.diagnostics.draws import draw_guide
 
@@ -109,6 +110,11 @@ def psis_khat(log_weights: Any, dim: int = -1) -> float | Tensor:
     :raises ValueError: for no weights or non-finite weights.
     """
     value = _as_log_weights(log_weights)
+    check_int(dim, "dim", minimum=-max(value.dim(), 1))
+    if dim >= max(value.dim(), 1):
+        raise ValueError(
+            f"dim={dim} is out of range for log-weights of shape {tuple(value.shape)}"
+        )
     if value.dim() <= 1:
         return _khat_1d(value.reshape(-1))
     flat = value.movedim(dim, -1)

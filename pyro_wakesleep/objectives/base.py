@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
+import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,9 @@ from pyro_wakesleep._validation import check_bool, check_int, check_real
 from pyro_wakesleep.objectives._site_control import SiteControlVariates
 from pyro_wakesleep.particles import Particles, check_finite_sites, run_particles
 from pyro_wakesleep.traces import guess_max_plate_nesting
+
+#: the param-store prefixes held by live objectives
+_NAMES: weakref.WeakValueDictionary[str, Objective] = weakref.WeakValueDictionary()
 
 if TYPE_CHECKING:
     from pyro_wakesleep.objectives.module import ObjectiveModule
@@ -67,6 +72,12 @@ class Objective(ELBO):
     :param bool retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
     :param float tail_adaptive_beta: accepted for compatibility; it is used only by
         Pyro's ``TraceTailAdaptive_ELBO`` and has no effect here.
+    :param str name: the prefix of the Pyro param-store names of this objective's learned
+        control-variate weights (``"<name>.<site>$$$..."``). By default an objective
+        takes, when it first registers weights, the first of ``"control_variates"``,
+        ``"control_variates_1"``, ... that no other live objective holds, so two
+        objectives never share weights (and a single objective's names stay the same
+        from run to run, for checkpoints); pass a name to fix it.
     :raises TypeError: for an argument of the wrong type, naming it.
     :raises ValueError: for an argument out of range, naming it.
     """
@@ -82,17 +93,20 @@ class Objective(ELBO):
         jit_options: dict | None = None,
         retain_graph: bool | None = None,
         tail_adaptive_beta: float = -1.0,
+        name: str | None = None,
     ) -> None:
         num_particles = check_int(num_particles, "num_particles")
-        for name, nesting in (("max_plate_nesting", max_plate_nesting),
-                              ("max_iarange_nesting", max_iarange_nesting)):
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"name must be a non-empty str or None, got {name!r}")
+        for keyword, nesting in (("max_plate_nesting", max_plate_nesting),
+                                 ("max_iarange_nesting", max_iarange_nesting)):
             if nesting is None or nesting == math.inf:
                 continue
-            check_int(nesting, name, minimum=0)
-        for name, flag in (("vectorize_particles", vectorize_particles),
-                           ("strict_enumeration_warning", strict_enumeration_warning),
-                           ("ignore_jit_warnings", ignore_jit_warnings)):
-            check_bool(flag, name)
+            check_int(nesting, keyword, minimum=0)
+        for keyword, flag in (("vectorize_particles", vectorize_particles),
+                              ("strict_enumeration_warning", strict_enumeration_warning),
+                              ("ignore_jit_warnings", ignore_jit_warnings)):
+            check_bool(flag, keyword)
         if retain_graph is not None:
             check_bool(retain_graph, "retain_graph")
         if jit_options is not None and not isinstance(jit_options, dict):
@@ -113,6 +127,21 @@ class Objective(ELBO):
         #: the objective's control variates (and any other state), one per site
         self.control_variates: SiteControlVariates = SiteControlVariates()
         self._vectorizes: bool | None = None  # known after the first vectorized run
+        self._name = name
+        if name is not None:
+            _NAMES[name] = self
+
+    @property
+    def name(self) -> str:
+        """The prefix of this objective's names in Pyro's param store (see ``name``)."""
+        if self._name is None:
+            for count in itertools.count():
+                candidate = "control_variates" if count == 0 else f"control_variates_{count}"
+                if _NAMES.get(candidate) is None:
+                    self._name = candidate
+                    _NAMES[candidate] = self
+                    break
+        return str(self._name)
 
     # -- the one path --------------------------------------------------------------------
     @abstractmethod

@@ -141,7 +141,7 @@ class ScoreFunctionELBO(Objective):
             if cv is not None:
                 if not isinstance(cv, TraceGraphBaseline) and any(True for _ in cv.parameters()):
                     # the param store is authoritative, so a restored store reaches the module
-                    pyro.module(f"control_variates.{name}", cv, update_module_params=True)
+                    pyro.module(f"{self.name}.{name}", cv, update_module_params=True)
                 context = SiteContext(name, site.node, args, kwargs, 0, update)
                 signal, cv_loss = cv(signal, context)
                 extra = extra + cv_loss
