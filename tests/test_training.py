@@ -240,6 +240,7 @@ def test_resume_from_another_model_raises_and_changes_nothing(tmp_path, params,
                                                               control_variate, match):
     ckpt = tmp_path / "run.ckpt"
     svi, _ = _svi(Q, MovingAverageBaseline() if control_variate is None else None)
+    pyro.param("unrelated", torch.tensor(7.0))  # in the param store of both runs
     fit(svi, X, 3, checkpoint=ckpt, progress=False)
     before = ckpt.read_bytes()
     svi, loss = _svi(params, control_variate)

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+import pyro
 import torch
 from pyro.infer import ELBO
 from pyro.infer.util import torch_item
@@ -22,8 +22,8 @@ from pyro_wakesleep.objectives._site_control import SiteControlVariates
 from pyro_wakesleep.particles import Particles, check_finite_sites, run_particles
 from pyro_wakesleep.traces import guess_max_plate_nesting
 
-#: the param-store prefixes held by live objectives
-_NAMES: weakref.WeakValueDictionary[str, Objective] = weakref.WeakValueDictionary()
+#: the live objectives (to tell when two would share control-variate weights)
+_LIVE: weakref.WeakSet[Objective] = weakref.WeakSet()
 
 if TYPE_CHECKING:
     from pyro_wakesleep.objectives.module import ObjectiveModule
@@ -73,11 +73,12 @@ class Objective(ELBO):
     :param float tail_adaptive_beta: accepted for compatibility; it is used only by
         Pyro's ``TraceTailAdaptive_ELBO`` and has no effect here.
     :param str name: the prefix of the Pyro param-store names of this objective's learned
-        control-variate weights (``"<name>.<site>$$$..."``). By default an objective
-        takes, when it first registers weights, the first of ``"control_variates"``,
-        ``"control_variates_1"``, ... that no other live objective holds, so two
-        objectives never share weights (and a single objective's names stay the same
-        from run to run, for checkpoints); pass a name to fix it.
+        control-variate weights, ``"<name>.<site>$$$<parameter>"`` (default
+        ``"control_variates"``). The param store is authoritative, as for
+        :func:`pyro.module`: an objective restored with the store continues with the
+        saved weights. Two live objectives never share weights silently: an objective
+        whose names would take weights that another live objective's control variate
+        holds raises ``ValueError`` asking for a ``name`` of its own.
     :raises TypeError: for an argument of the wrong type, naming it.
     :raises ValueError: for an argument out of range, naming it.
     """
@@ -127,21 +128,35 @@ class Objective(ELBO):
         #: the objective's control variates (and any other state), one per site
         self.control_variates: SiteControlVariates = SiteControlVariates()
         self._vectorizes: bool | None = None  # known after the first vectorized run
-        self._name = name
-        if name is not None:
-            _NAMES[name] = self
+        self._registered: set[str] = set()
+        #: the prefix of this objective's names in Pyro's param store (see ``name``)
+        self.name: str = name or "control_variates"
+        _LIVE.add(self)
 
-    @property
-    def name(self) -> str:
-        """The prefix of this objective's names in Pyro's param store (see ``name``)."""
-        if self._name is None:
-            for count in itertools.count():
-                candidate = "control_variates" if count == 0 else f"control_variates_{count}"
-                if _NAMES.get(candidate) is None:
-                    self._name = candidate
-                    _NAMES[candidate] = self
-                    break
-        return str(self._name)
+    def register(self, site: str, cv: torch.nn.Module) -> None:
+        """Registers a learned control variate's parameters in Pyro's param store as
+        ``"<name>.<site>$$$..."`` (:func:`pyro.module` with ``update_module_params``: a
+        restored store reaches the module), once per step.
+
+        :raises ValueError: if those names hold weights of another live objective's
+            control variate (two objectives with the same ``name``).
+        """
+        prefix = f"{self.name}.{site}$$$"
+        if site not in self._registered:
+            store = pyro.get_param_store()
+            held = {id(cast(Any, store.get_param(key)).unconstrained())
+                    for key in store if key.startswith(prefix)}
+            others = [o for o in list(_LIVE) if o is not self]
+            if held and any(id(p) in held
+                            for o in others for p in o.control_variates.parameters()):
+                raise ValueError(
+                    f"the control variate of site '{site}' would take the weights that "
+                    f"another live objective holds under the param-store names "
+                    f"'{prefix}...'; give each objective its own name= (e.g. "
+                    f"{type(self).__name__}(..., name='{self.name}_2'))"
+                )
+            self._registered.add(site)
+        pyro.module(prefix[:-3], cv, update_module_params=True)
 
     # -- the one path --------------------------------------------------------------------
     @abstractmethod

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-import pyro
 from torch import Tensor
 
 from pyro_wakesleep._validation import check_finite
@@ -141,7 +140,7 @@ class ScoreFunctionELBO(Objective):
             if cv is not None:
                 if not isinstance(cv, TraceGraphBaseline) and any(True for _ in cv.parameters()):
                     # the param store is authoritative, so a restored store reaches the module
-                    pyro.module(f"{self.name}.{name}", cv, update_module_params=True)
+                    self.register(name, cv)
                 context = SiteContext(name, site.node, args, kwargs, 0, update)
                 signal, cv_loss = cv(signal, context)
                 extra = extra + cv_loss
