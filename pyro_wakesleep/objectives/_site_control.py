@@ -7,9 +7,11 @@ Validation of the ``control_variate`` argument and the per-site container whose
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
+import pyro
 from torch import Tensor, nn
 
 from pyro_wakesleep.control_variates import ControlVariate
@@ -38,6 +40,10 @@ def check_spec(spec: Any, num_particles: int) -> None:
             )
 
 
+#: the live containers (to tell when two objectives would share weights)
+_LIVE: weakref.WeakSet[SiteControlVariates] = weakref.WeakSet()
+
+
 def _escape(site: str) -> str:
     return site.replace(".", ":")
 
@@ -54,6 +60,27 @@ class SiteControlVariates(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._pending: dict[str, dict[str, Tensor]] = {}
+        self._registered: set[str] = set()
+        _LIVE.add(self)
+
+    def register(self, prefix: str, site: str, cv: nn.Module, owner: str) -> None:
+        """``pyro.module(prefix, cv, update_module_params=True)``, first checking (once
+        per site) that the names do not hold weights of another live container's
+        control variate, else ``ValueError`` (``owner`` names the objective's class)."""
+        if site not in self._registered:
+            store = pyro.get_param_store()
+            held = {id(cast(Any, store.get_param(key)).unconstrained())
+                    for key in store if key.startswith(f"{prefix}$$$")}
+            others = [o for o in list(_LIVE) if o is not self]
+            if held and any(id(p) in held for o in others for p in o.parameters()):
+                raise ValueError(
+                    f"the control variate of site '{site}' would take the weights that "
+                    f"another live objective holds under the param-store names "
+                    f"'{prefix}$$$...'; give each objective its own name= (e.g. "
+                    f"{owner}(..., name='{prefix.rsplit('.', 1)[0]}_2'))"
+                )
+            self._registered.add(site)
+        pyro.module(prefix, cv, update_module_params=True)
 
     def get(self, site: str) -> ControlVariate | None:
         """The control variate for ``site``, or ``None``."""

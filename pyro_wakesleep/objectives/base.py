@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-import pyro
 import torch
 from pyro.infer import ELBO
 from pyro.infer.util import torch_item
@@ -21,9 +19,6 @@ from pyro_wakesleep._validation import check_bool, check_int, check_real
 from pyro_wakesleep.objectives._site_control import SiteControlVariates
 from pyro_wakesleep.particles import Particles, check_finite_sites, run_particles
 from pyro_wakesleep.traces import guess_max_plate_nesting
-
-#: the live objectives (to tell when two would share control-variate weights)
-_LIVE: weakref.WeakSet[Objective] = weakref.WeakSet()
 
 if TYPE_CHECKING:
     from pyro_wakesleep.objectives.module import ObjectiveModule
@@ -128,10 +123,8 @@ class Objective(ELBO):
         #: the objective's control variates (and any other state), one per site
         self.control_variates: SiteControlVariates = SiteControlVariates()
         self._vectorizes: bool | None = None  # known after the first vectorized run
-        self._registered: set[str] = set()
         #: the prefix of this objective's names in Pyro's param store (see ``name``)
         self.name: str = name or "control_variates"
-        _LIVE.add(self)
 
     def register(self, site: str, cv: torch.nn.Module) -> None:
         """Registers a learned control variate's parameters in Pyro's param store as
@@ -141,22 +134,7 @@ class Objective(ELBO):
         :raises ValueError: if those names hold weights of another live objective's
             control variate (two objectives with the same ``name``).
         """
-        prefix = f"{self.name}.{site}$$$"
-        if site not in self._registered:
-            store = pyro.get_param_store()
-            held = {id(cast(Any, store.get_param(key)).unconstrained())
-                    for key in store if key.startswith(prefix)}
-            others = [o for o in list(_LIVE) if o is not self]
-            if held and any(id(p) in held
-                            for o in others for p in o.control_variates.parameters()):
-                raise ValueError(
-                    f"the control variate of site '{site}' would take the weights that "
-                    f"another live objective holds under the param-store names "
-                    f"'{prefix}...'; give each objective its own name= (e.g. "
-                    f"{type(self).__name__}(..., name='{self.name}_2'))"
-                )
-            self._registered.add(site)
-        pyro.module(prefix[:-3], cv, update_module_params=True)
+        self.control_variates.register(f"{self.name}.{site}", site, cv, type(self).__name__)
 
     # -- the one path --------------------------------------------------------------------
     @abstractmethod
