@@ -182,10 +182,23 @@ def test_import_needs_no_examples_extra() -> None:
         """
         import importlib, pkgutil, pyro_wakesleep
         for info in pkgutil.walk_packages(pyro_wakesleep.__path__, "pyro_wakesleep."):
-            importlib.import_module(info.name)
+            if info.name != "pyro_wakesleep.lightning":  # the lightning extra's module:
+                importlib.import_module(info.name)  # lightning imports matplotlib if present
         """
     )
     assert imported_extras(walk) == [], "a module imports an examples-only package eagerly"
+    # without lightning's own opportunistic imports, pyro_wakesleep.lightning adds none
+    plain = textwrap.dedent(
+        """
+        import sys, lightning.pytorch
+        before = set(sys.modules)
+        import pyro_wakesleep.lightning
+        new = {m.split(".")[0] for m in set(sys.modules) - before}
+        assert not new & {"sklearn", "matplotlib"}, new
+        """
+    )
+    if importlib.util.find_spec("lightning") is not None:
+        run([sys.executable, "-c", plain], cwd=ROOT)
 
 
 @pytest.mark.parametrize(("module", "name", "call"), [

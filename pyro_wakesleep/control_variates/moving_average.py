@@ -7,6 +7,7 @@ from torch import Tensor
 
 from pyro_wakesleep._validation import check_real
 from pyro_wakesleep.control_variates.base import Advantage, ControlVariate, SiteContext, zero_loss
+from pyro_wakesleep.distributed import all_reduce_mean
 from pyro_wakesleep.signals import debiased_average, ema_update
 
 __all__ = ["MovingAverageBaseline"]
@@ -26,6 +27,11 @@ class MovingAverageBaseline(ControlVariate):
     unbiased; the division by :math:`1-\\beta^t` removes the start-up bias towards zero.
     Pyro's ``TraceGraph_ELBO`` keeps the same kind of average (``baseline_beta=0.9``)
     without the bias correction.
+
+    Under ``torch.distributed`` (world size > 1) :math:`\\bar f_t` is the mean over
+    the whole global batch (one all-reduce of 2 scalars per step,
+    :func:`~pyro_wakesleep.distributed.all_reduce_mean`), so every rank holds the same
+    state.
 
     Buffers: ``average`` (:math:`a_t`) and ``weight`` (:math:`1-\\beta^t`).
 
@@ -48,7 +54,9 @@ class MovingAverageBaseline(ControlVariate):
         average, weight = self.average.to(signal), self.weight.to(signal)
         baseline = debiased_average(average, weight)
         if context.update and self.training:
-            self.average, self.weight = ema_update(average, weight, signal.mean(), self.beta)
+            self.average, self.weight = ema_update(
+                average, weight, all_reduce_mean(signal), self.beta
+            )
         return Advantage(signal - baseline, zero_loss(signal))
 
     def extra_repr(self) -> str:

@@ -16,6 +16,7 @@ from pyro_wakesleep.control_variates.base import (
     fit_baseline_shape,
     zero_loss,
 )
+from pyro_wakesleep.distributed import all_reduce_moments
 from pyro_wakesleep.signals import debiased_average, ema_update, normalize_signal
 
 __all__ = ["NeuralBaseline"]
@@ -37,6 +38,11 @@ class NeuralBaseline(ControlVariate):
     so :math:`\\mathbb E[\\hat f\\, \\nabla\\log q] = \\nabla \\mathcal L / \\max(1, \\sqrt v)`:
     unbiased in direction, scaled by a positive step-independent factor (set
     ``normalize_variance=False`` for the unscaled estimator).
+
+    Under ``torch.distributed`` (world size > 1) the step's mean and variance of
+    :math:`r` are those of the whole global batch (one all-reduce of 3 scalars per step,
+    :func:`~pyro_wakesleep.distributed.all_reduce_moments`), so every rank holds the same
+    statistics; :math:`b_\\psi` is trained like any parameter under DDP.
 
     Buffers: ``mean``, ``variance`` and ``weight`` (the bias-correction weight);
     parameters: those of ``module``, registered in Pyro's param store as
@@ -110,8 +116,8 @@ class NeuralBaseline(ControlVariate):
             value = normalize_signal(residual, mean, variance)
         loss = (signal - mean - baseline).pow(2).sum() / signal.shape[context.particle_dim]
         if context.update and self.training:
-            spread = residual.var(correction=0)
-            m, w = ema_update(self.mean.to(signal), weight, residual.mean(), self.decay)
+            center, spread = all_reduce_moments(residual, shift=mean)
+            m, w = ema_update(self.mean.to(signal), weight, center, self.decay)
             v, _ = ema_update(self.variance.to(signal), weight, spread, self.decay)
             self.mean, self.variance, self.weight = m, v, w
         return Advantage(value, loss)

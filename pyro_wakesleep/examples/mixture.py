@@ -25,6 +25,8 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
+from pyro_wakesleep.examples.models import ParamStoreNamed
+
 __all__ = ["GaussianMixture", "true_mixture_weights"]
 
 
@@ -45,29 +47,36 @@ class _Generative(nn.Module):
         self.theta = nn.Parameter(2.0 * (num_clusters - 1 - c))
 
 
-class GaussianMixture(nn.Module):
+class GaussianMixture(ParamStoreNamed):
     """The Gaussian mixture of Le et al. (2019) with its inference network (see the
     module docstring). :meth:`model` registers only the generative parameter
-    :math:`\\theta` (as ``"generative"``), :meth:`guide` only the inference network
-    (``"recognition"``). Sites: the latent ``"c"`` and the observed ``"x"``, both in
-    the plate ``"data"`` (``dim=-1``) of size ``x.shape[-1]``; the guide broadcasts over
-    leading dimensions of ``x``, so vectorized dreams work.
+    :math:`\\theta` (as ``"<name>.generative"``), :meth:`guide` only the inference
+    network (``"<name>.recognition"``); ``name`` is unique by default (``"gmm"``,
+    ``"gmm_1"``, …; see :class:`~pyro_wakesleep.examples.models.ParamStoreNamed`), so two
+    instances in one process train independently. Sites: the latent ``"c"`` and the
+    observed ``"x"``, both in the plate ``"data"`` (``dim=-1``) of size ``x.shape[-1]``;
+    the guide broadcasts over leading dimensions of ``x``, so vectorized dreams work.
 
     :param int num_clusters: :math:`C` (20 in the paper).
     :param float spacing: distance between consecutive cluster means (10).
     :param float scale: standard deviation of every cluster (5).
     :param int hidden: width of the two tanh layers of the inference network (16).
     :param float softmax_multiplier: the factor on :math:`\\theta` in the prior (0.5).
+    :param str name: the prefix of the param-store names (default: the first free of
+        ``"gmm"``, ``"gmm_1"``, …).
+    :raises TypeError: if ``name`` is neither a ``str`` nor ``None``.
     """
+
+    default_name = "gmm"
 
     means: Tensor
     true_weights: Tensor
 
     def __init__(
         self, num_clusters: int = 20, spacing: float = 10.0, scale: float = 5.0,
-        hidden: int = 16, softmax_multiplier: float = 0.5,
+        hidden: int = 16, softmax_multiplier: float = 0.5, *, name: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(name)
         if num_clusters < 2:
             raise ValueError(f"num_clusters must be >= 2, got {num_clusters}")
         if scale <= 0:
@@ -97,14 +106,14 @@ class GaussianMixture(nn.Module):
     def model(self, x: Tensor) -> None:
         """The generative model :math:`p_\\theta(c, x)` for a batch ``x`` of shape
         ``(B,)``."""
-        pyro.module("generative", self.generative)
+        self._register("generative", self.generative)
         with pyro.plate("data", x.shape[-1], dim=-1):
             c = pyro.sample("c", dist.Categorical(logits=self.prior_logits()))
             pyro.sample("x", dist.Normal(self.means[c], self.scale), obs=x)
 
     def guide(self, x: Tensor) -> None:
         """The inference network :math:`q_\\phi(c \\mid x)`."""
-        pyro.module("recognition", self.recognition)
+        self._register("recognition", self.recognition)
         with pyro.plate("data", x.shape[-1], dim=-1):
             pyro.sample("c", dist.Categorical(logits=self.recognition(x.unsqueeze(-1))))
 

@@ -21,6 +21,7 @@ import torch
 from pyro.distributions import Delta
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
+from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.util import check_site_shape
 from torch import Tensor
 
@@ -60,6 +61,23 @@ def check_param_owners(model_trace: Trace, guide_trace: Trace) -> None:
         )
 
 
+class _Uncondition(UnconditionMessenger):
+    """:func:`pyro.poutine.uncondition` that keeps ``pyro.deterministic`` sites (their
+    value is a function of the dream, not a draw) and refuses ``pyro.factor``, which a
+    dream drawn site by site cannot honour."""
+
+    def _pyro_sample(self, msg: Any) -> None:
+        if msg["infer"].get("_deterministic"):
+            return
+        if msg["is_observed"] and type(msg["fn"]).__name__ == "Unit":
+            raise ValueError(
+                f"the sleep phase cannot dream from this model: its pyro.factor "
+                f"('{msg['name']}') reweights the model, and dreams are drawn site by site "
+                "without it; use ReweightedWakeSleepELBO with insomnia=1 (no dreams)"
+            )
+        super()._pyro_sample(msg)
+
+
 def dream(
     model: Callable, args: tuple, kwargs: dict, num_dreams: int, vectorize: bool,
     max_plate_nesting: float,
@@ -67,7 +85,7 @@ def dream(
     """``num_dreams`` traces of the model with its observed sites sampled: one vectorized
     trace (a plate of size ``num_dreams`` at ``dim=-(max_plate_nesting + 1)``) or one
     trace per dream. Run without gradients."""
-    fn = poutine.uncondition(model)
+    fn = _Uncondition()(model)
     if vectorize and num_dreams > 1:
         fn = pyro.plate(DREAM_PLATE, num_dreams, dim=-(int(max_plate_nesting) + 1))(fn)
         count = 1

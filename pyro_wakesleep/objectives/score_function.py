@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+from pyro.distributions import Delta
 from torch import Tensor
+from torch.distributions import Independent
 
 from pyro_wakesleep._validation import check_finite
 from pyro_wakesleep.control_variates import ControlVariate, SiteContext, TraceGraphBaseline
@@ -98,6 +100,15 @@ class ScoreFunctionELBO(Objective):
         return cv
 
     def _check_sites(self, nodes: Mapping[str, Mapping[str, Any]]) -> None:
+        for site, node in nodes.items():
+            fn = node["fn"]
+            while isinstance(fn, Independent):
+                fn = fn.base_dist
+            if self.force_score_function and isinstance(fn, Delta):
+                raise ValueError(
+                    f"guide site '{site}' is a point mass (Delta, as in AutoDelta), which has "
+                    "no score function; use force_score_function=False for it"
+                )
         for site in self._per_site:
             if site not in nodes:
                 raise ValueError(
