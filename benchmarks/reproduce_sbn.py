@@ -431,7 +431,9 @@ def table(out: Path, target: Path) -> str:
         "paper's Table 1 (Grathwohl et al. 2018: best training ELBO after 2,000,000 steps,",
         "learning rate searched over {5e-3 … 5e-5}). *Valid IW bound*: the",
         "importance-weighted (IWAE) bound on the validation images named. Steps/s counts",
-        "training time only (evaluations excluded). **A run short of 2,000,000 steps is",
+        "training time only (evaluations excluded), averaged over the run on the machine",
+        "named, under whatever else ran there (the CPU runs shared two cores with other",
+        "jobs). **A run short of 2,000,000 steps is",
         "reported at the step it reached; nothing is extrapolated.**",
         "",
         "| objective | net | published (2e6 steps) | ours: train ELBO at step S | S | "

@@ -100,11 +100,14 @@ class ScoreFunctionELBO(Objective):
         return cv
 
     def _check_sites(self, nodes: Mapping[str, Mapping[str, Any]]) -> None:
+        # a point mass with no auxiliary site to draw it from (AutoDelta, unlike the Delta
+        # sites of AutoNormal) has no score: its parameters would get no gradient
+        auxiliary = any(node["infer"].get("is_auxiliary") for node in nodes.values())
         for site, node in nodes.items():
             fn = node["fn"]
             while isinstance(fn, Independent):
                 fn = fn.base_dist
-            if self.force_score_function and isinstance(fn, Delta):
+            if self.force_score_function and isinstance(fn, Delta) and not auxiliary:
                 raise ValueError(
                     f"guide site '{site}' is a point mass (Delta, as in AutoDelta), which has "
                     "no score function; use force_score_function=False for it"
