@@ -54,12 +54,24 @@ def check_real(value: Any, name: str, low: float | None = None, high: float | No
     return value
 
 
+#: while a compiled step is recorded: where :func:`check_finite` puts the sums it checks
+DEFERRED: list[Tensor] | None = None
+
+
 def check_finite(value: Tensor, what: str, hint: str = "check the model's log-densities "
                  "at the guide's draws") -> None:
     """Raises ``ValueError`` saying how many elements of ``value`` are not finite.
 
+    While a compiled step is recorded (``jit=True``) it only keeps the sum of ``value``
+    (finite if and only if every element is, barring overflow): the graph returns the sum
+    of those sums, and a replay whose sum is not finite is run again eagerly, from the
+    same random state, to raise this error.
+
     :param str what: what ``value`` is, e.g. ``"learning signal at site 'z'"``.
     """
+    if DEFERRED is not None:
+        DEFERRED.append(value.detach().sum())
+        return
     finite = torch.isfinite(value)
     if not bool(finite.all()):
         raise ValueError(

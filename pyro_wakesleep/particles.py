@@ -60,6 +60,8 @@ class SiteTensors(NamedTuple):
         gradient is the score function), or ``None`` like ``log_q``.
     :param torch.Tensor present: ``(K,)`` booleans, the particles in which the site
         appears; every tensor above is zero in the others.
+    :param bool everywhere: whether the site appears in every particle (``present`` is
+        all true), known without reading a tensor.
     """
 
     name: str
@@ -68,6 +70,7 @@ class SiteTensors(NamedTuple):
     log_q: Tensor | None
     score: Tensor | None
     present: Tensor
+    everywhere: bool = True
 
 
 class Particles(NamedTuple):
@@ -163,6 +166,7 @@ def _particles(pairs: list[TracePair], nesting: int, vectorized: bool, num: int)
             field(guide_nodes, "log_prob") if in_guide else None,
             field(guide_nodes, "unscaled_log_prob") if in_guide else None,
             torch.ones(num, dtype=torch.bool) if vectorized else mask,
+            vectorized or all(present),
         )
     return empty._replace(sites=sites, guide_latents=list(guide_names))
 

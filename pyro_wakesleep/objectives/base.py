@@ -16,6 +16,7 @@ from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor
 
 from pyro_wakesleep._validation import check_bool, check_int, check_real
+from pyro_wakesleep.objectives._compiled import CompiledStep, check_jit_options
 from pyro_wakesleep.objectives._site_control import SiteControlVariates
 from pyro_wakesleep.particles import Particles, check_finite_sites, run_particles
 from pyro_wakesleep.traces import guess_max_plate_nesting
@@ -62,8 +63,13 @@ class Objective(ELBO):
     :param bool strict_enumeration_warning: warn about guide sites configured for
         enumeration (``infer={"enumerate": ...}``), which no objective here enumerates.
     :param bool ignore_jit_warnings: accepted for compatibility with Pyro's ``Jit*``
-        objectives; no effect (nothing here is traced with :func:`torch.jit.trace`).
-    :param dict jit_options: accepted for compatibility, as ``ignore_jit_warnings``.
+        objectives; no effect (recording here raises rather than warns, see ``jit``).
+    :param dict jit_options: options of the compiled path (``jit=True``):
+        ``"compile"`` (default ``False``): also compile the recorded graph with
+        :func:`torch.compile` (inductor; slow to compile, faster per step, the same
+        draws); ``"max_graphs"`` (default 16): call signatures recorded at most, later
+        ones run eagerly. The :func:`torch.jit.trace` keywords that Pyro's ``Jit*``
+        objectives pass (``check_trace``, ...) are accepted and have no effect.
     :param bool retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
     :param float tail_adaptive_beta: accepted for compatibility; it is used only by
         Pyro's ``TraceTailAdaptive_ELBO`` and has no effect here.
@@ -90,6 +96,7 @@ class Objective(ELBO):
         retain_graph: bool | None = None,
         tail_adaptive_beta: float = -1.0,
         name: str | None = None,
+        jit: bool = False,
     ) -> None:
         num_particles = check_int(num_particles, "num_particles")
         if name is not None and (not isinstance(name, str) or not name):
@@ -101,12 +108,14 @@ class Objective(ELBO):
             check_int(nesting, keyword, minimum=0)
         for keyword, flag in (("vectorize_particles", vectorize_particles),
                               ("strict_enumeration_warning", strict_enumeration_warning),
-                              ("ignore_jit_warnings", ignore_jit_warnings)):
+                              ("ignore_jit_warnings", ignore_jit_warnings),
+                              ("jit", jit)):
             check_bool(flag, keyword)
         if retain_graph is not None:
             check_bool(retain_graph, "retain_graph")
         if jit_options is not None and not isinstance(jit_options, dict):
             raise TypeError(f"jit_options must be a dict or None, got {jit_options!r}")
+        check_jit_options(jit_options)
         check_real(tail_adaptive_beta, "tail_adaptive_beta")
         super().__init__(
             num_particles=num_particles,
@@ -125,6 +134,10 @@ class Objective(ELBO):
         self._vectorizes: bool | None = None  # known after the first vectorized run
         #: the prefix of this objective's names in Pyro's param store (see ``name``)
         self.name: str = name or "control_variates"
+        #: the compiled training step (``jit=True``), else ``None``
+        self.compiled: CompiledStep | None = (
+            CompiledStep(self, check_jit_options(jit_options)) if jit else None
+        )
 
     def register(self, site: str, cv: torch.nn.Module) -> None:
         """Registers a learned control variate's parameters in Pyro's param store as
@@ -210,7 +223,26 @@ class Objective(ELBO):
         """Whether a step runs anything vectorized (particles; subclasses add dreams)."""
         return self.vectorize_particles and self.num_particles > 1
 
+    def _outputs(self) -> dict[str, Tensor]:
+        """Tensors besides the loss that a step leaves for later reading (e.g. phase
+        losses); a compiled step returns them from its graph."""
+        return {}
+
+    def _set_outputs(self, outputs: dict[str, Tensor]) -> None:
+        """Sets what :meth:`_outputs` returns (after a compiled step)."""
+
     def _run(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
+    ) -> tuple[Tensor, Tensor]:
+        """A step: compiled (``jit=True``, training with gradients) or eager."""
+        def eager() -> tuple[Tensor, Tensor]:
+            return self._run_eager(model, guide, args, kwargs, update)
+
+        if self.compiled is not None and update and torch.is_grad_enabled():
+            return self.compiled(model, guide, args, kwargs, eager)
+        return eager()
+
+    def _run_eager(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
     ) -> tuple[Tensor, Tensor]:
         """:meth:`loss_and_surrogate`, falling back to sequential particles once if the

@@ -65,6 +65,7 @@ class ObjectiveModule(ELBOModule):
         self.control_variates = elbo.control_variates
         self._fresh: dict[str, tuple[Tensor, Tensor]] = {}  # created at the last call
         self._others: list[tuple[Tensor, Tensor]] = []
+        self._known: set[int] | None = None  # ids of parameters() after the last call
 
     def initialize(self, *args: Any, **kwargs: Any) -> float:
         """Runs the objective's :meth:`~Objective.loss` once (no gradients, no change of
@@ -73,7 +74,7 @@ class ObjectiveModule(ELBOModule):
         :rtype: float
         """
         loss = self.elbo.loss(self.model, self.guide, *args, **kwargs)
-        self._fresh = {}
+        self._fresh, self._known = {}, None
         return float(loss)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -81,18 +82,20 @@ class ObjectiveModule(ELBOModule):
         if not torch.is_grad_enabled():
             return self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
         self._check_fresh()
-        before = {id(p) for p in self.parameters()}
+        if self._known is None:  # the parameters before the first call
+            self._known = {id(p) for p in self.parameters()}
+        before = self._known
         with poutine.trace(param_only=True) as capture:
             loss = self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
-        self._check_owned(capture.trace)
         named = dict(self.named_parameters())
+        self._known = {id(p) for p in named.values()}
+        self._check_owned(capture.trace, self._known)
         self._fresh = {n: (p, p.detach().clone()) for n, p in named.items() if id(p) not in before}
         if self._fresh:
             self._others = [(p, p.detach().clone()) for p in named.values() if id(p) in before]
         return loss
 
-    def _check_owned(self, trace: Trace) -> None:
-        owned = {id(p) for p in self.parameters()}
+    def _check_owned(self, trace: Trace, owned: set[int]) -> None:
         for name, site in trace.nodes.items():
             if site["type"] != "param":
                 continue

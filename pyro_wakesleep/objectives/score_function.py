@@ -148,7 +148,7 @@ class ScoreFunctionELBO(Objective):
         for name, signal in signals.items():
             site = particles.sites[name]
             score = cast(Tensor, site.score)  # a guide latent always has one
-            if not bool(site.present.all()):  # a site of only some particles: those
+            if not site.everywhere:  # a site of only some particles: those
                 signal, score = signal[site.present], score[site.present]
             cv = self._control_variate(name, site.node)
             if cv is not None:

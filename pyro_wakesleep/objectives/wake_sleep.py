@@ -52,6 +52,12 @@ class _WakeSleep(Objective):
     def _uses_vectorization(self) -> bool:
         return self.vectorize_particles and max(self.num_particles, self.num_sleep_particles) > 1
 
+    def _outputs(self) -> dict[str, Tensor]:
+        return dict(self._phase_losses)
+
+    def _set_outputs(self, outputs: dict[str, Tensor]) -> None:
+        self._phase_losses = dict(outputs)
+
     @property
     def last_phase_losses(self) -> dict[str, float]:
         """The separate phase losses of the last call (``loss``, ``differentiable_loss``
