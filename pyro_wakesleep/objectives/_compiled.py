@@ -161,15 +161,24 @@ def _mutated(node: fx.Node) -> bool:
 def simplify(graph: fx.Graph) -> None:
     """Removes what the recorded step computes for Python's sake only: ``expand`` and
     ``reshape`` to the shape a tensor already has, ``broadcast_tensors`` of tensors of
-    equal shapes, and (by dead-code elimination) every value no output depends on.
-    Random operations are kept (they advance the generator)."""
+    equal shapes, a ``detach`` of a detached value, arithmetic with a neutral Python
+    number (``x * 1``, ``x + 0.0``), grad-mode switches that change nothing, and (by
+    dead-code elimination) every value no output depends on. Random operations are kept
+    (they advance the generator); nothing whose result is mutated in place is replaced."""
     aten = torch.ops.aten
     views = {aten.expand.default, aten.reshape.default, aten.view.default}
+    neutral = {aten.mul.Tensor: 1, aten.div.Tensor: 1, aten.add.Tensor: 0, aten.sub.Tensor: 0}
     for node in list(graph.nodes):
         if node.op != "call_function" or _mutated(node):
             continue
         if node.target in views and _same_shape(node, node.args[0]):
             node.replace_all_uses_with(node.args[0])
+        elif node.target is aten.detach.default and getattr(
+                node.args[0], "target", None) is aten.detach.default:
+            node.replace_all_uses_with(node.args[0])  # detach(detach(x)) = detach(x)
+        elif node.target in neutral and node.args[1] == neutral[node.target] \
+                and _same_shape(node, node.args[0]):
+            node.replace_all_uses_with(node.args[0])  # x * 1, x / 1, x + 0, x - 0
         elif node.target is aten.broadcast_tensors.default:
             inputs = node.args[0]
             users = list(node.users)
