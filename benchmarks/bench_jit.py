@@ -135,15 +135,17 @@ class Runner:
 
 
 def _sf(cv: Callable[[], Any] | None, k: int = 1) -> Callable[..., Callable[[int], Any]]:
-    def make(jit: bool) -> Callable[[int], Any]:
+    def make(jit: bool, inductor: bool = False) -> Callable[[int], Any]:
         return lambda i: ScoreFunctionELBO(k, cv() if cv else None, max_plate_nesting=1,
-                                           jit=jit, name=f"cv{i}")
+                                           jit=jit, jit_options={"compile": inductor},
+                                           name=f"cv{i}")
     return make
 
 
 def _objective(cls: type, *args: Any) -> Callable[..., Callable[[int], Any]]:
-    def make(jit: bool) -> Callable[[int], Any]:
-        return lambda i: cls(*args, max_plate_nesting=1, jit=jit, name=f"cv{i}")
+    def make(jit: bool, inductor: bool = False) -> Callable[[int], Any]:
+        return lambda i: cls(*args, max_plate_nesting=1, jit=jit,
+                             jit_options={"compile": inductor}, name=f"cv{i}")
     return make
 
 
@@ -186,13 +188,17 @@ PYRO = {"pyro Trace_ELBO": Trace_ELBO, "pyro JitTrace_ELBO": JitTrace_ELBO,
         "pyro TraceGraph_ELBO": TraceGraph_ELBO, "pyro JitTraceGraph_ELBO": JitTraceGraph_ELBO}
 
 
-def runners_for(net: nn.Module, cases: list, x0: Tensor, with_pyro: bool) -> list[Runner]:
+def runners_for(net: nn.Module, cases: list, x0: Tensor, with_pyro: bool,
+                inductor: bool) -> list[Runner]:
     runners, i = [], 0
     for label, make, hand in cases:
         runners.append(Runner(label, "hand", net, make, hand, x0, i))
         for kind, jit in (("eager", False), ("jit", True)):
             i += 1
             runners.append(Runner(label, kind, net, make(jit), None, x0, i))
+        if inductor:
+            i += 1
+            runners.append(Runner(label, "jit + inductor", net, make(True, True), None, x0, i))
         if label == cases[0][0]:
             i += 1
             runners.append(Runner(label, "jit, SVI", net, make(True), None, x0, i))
@@ -212,6 +218,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-inductor", action="store_true",
+                        help="skip the jit_options={'compile': True} rows (~20 s each)")
     parser.add_argument("--out", default="docs/benchmarks/jit.md",
                         help="Markdown file for the table (relative: from the repository root)")
     args = parser.parse_args()
@@ -234,7 +242,7 @@ def main() -> None:
         "`objective(model, guide)` with `torch.optim.Adam` (eager and `jit=True`) and, in "
         "the \"SVI\" row, through `pyro.infer.SVI` with `pyro.optim.Adam`, as Pyro's rows "
         "(Pyro's without a baseline, so they compute the \"SF, no control variate\" "
-        "estimator).",
+        "estimator). \"jit + inductor\": `jit_options={\"compile\": True}`.",
         "",
         "| model | estimator | implementation | ms / step | × hand |",
         "|---|---|---|---:|---:|",
@@ -247,7 +255,7 @@ def main() -> None:
     ]
     for name, net, cases, batches, with_pyro in models:
         pyro.clear_param_store()
-        runners = runners_for(net, cases, batches[0], with_pyro)
+        runners = runners_for(net, cases, batches[0], with_pyro, not args.no_inductor)
         times = medians(interleaved_times(runners, Runner.step, batches.__getitem__,
                                           args.rounds, args.steps, shuffle_seed=args.seed,
                                           warmup=5))
