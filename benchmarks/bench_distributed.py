@@ -1,8 +1,10 @@
 """Data-parallel throughput: images/s of the linear SBN for 1 and 2 CPU processes at the
 same global batch, DistributedDataParallel over gloo on 127.0.0.1.
 
-Usage: ``python benchmarks/bench_distributed.py [--steps 40] [--batch 48]``; writes
-``docs/benchmarks/distributed.md``.
+Usage: ``python benchmarks/bench_distributed.py [--steps 200] [--batch 48] [--repeats 3]``;
+writes ``docs/benchmarks/distributed.md``. Each configuration is measured ``--repeats``
+times, interleaved (1, 2, 3, 1, 2, 3, ...) so that a burst of load from other jobs hits
+every configuration alike; the table gives the median and the range.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import datetime
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -74,8 +77,13 @@ def _run(rank: int, world: int, threads: int, port: int, args: argparse.Namespac
         dist.destroy_process_group()
     elapsed = time.perf_counter() - begin
     if rank == 0:
+        numel = sum(p.numel() for p in module.parameters())
         with open(out, "w") as f:
-            f.write(str(elapsed))
+            f.write(f"{elapsed} {numel}")
+
+
+#: trainable parameters of the measured module (written by rank 0)
+NUMEL: list[int] = []
 
 
 def measure(world: int, threads: int, args: argparse.Namespace) -> float:
@@ -84,47 +92,73 @@ def measure(world: int, threads: int, args: argparse.Namespace) -> float:
         out = os.path.join(tmp, "elapsed")
         mp.spawn(_run, args=(world, threads, _port(), args, out), nprocs=world, join=True)
         with open(out) as f:
-            elapsed = float(f.read())
-    return args.steps * args.batch / elapsed
+            elapsed, numel = f.read().split()
+    NUMEL[:] = [int(numel)]
+    return args.steps * args.batch / float(elapsed)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=48, help="global batch")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, nargs="+", default=[48, 480],
+                        help="global batch sizes")
     parser.add_argument("--particles", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     if not (dist.is_available() and dist.is_gloo_available()):
         sys.exit("torch.distributed with gloo is not available")
-    rows = [(1, 1), (1, 2), (2, 1)]
-    load = os.getloadavg()[0]
-    rates = {row: measure(*row, args) for row in rows}
-    load = max(load, os.getloadavg()[0])
-    base = rates[(1, 1)]
+    rows = [(batch, world, threads) for batch in args.batch
+            for world, threads in [(1, 1), (1, 2), (2, 1)]]
+    load_before = os.getloadavg()[0]
+    samples: dict[tuple[int, int, int], list[float]] = {row: [] for row in rows}
+    for _ in range(args.repeats):
+        for row in rows:
+            batch, world, threads = row
+            samples[row].append(measure(world, threads, argparse.Namespace(
+                **{**vars(args), "batch": batch})))
+    load_after = os.getloadavg()[0]
+    rates = {row: statistics.median(v) for row, v in samples.items()}
+    cores = os.cpu_count() or 1
+    busy = max(load_before, load_after) > cores
     lines = [
         "# Data-parallel throughput (DDP, gloo, CPU)",
         "",
         f"Linear SBN 784-200, binarized MNIST, ScoreFunctionELBO with NVIL, "
-        f"{args.particles} particles, global batch {args.batch} (split evenly over the "
-        f"processes), Adam; {args.steps} timed steps after 5 warm-up steps, wall time of "
-        f"rank 0 between barriers. {os.cpu_count()} cores, 1-minute load average up to "
-        f"{load:.1f} during the run (other jobs on the machine); {versions()}, {machine()}. "
+        f"{args.particles} particles, global batch "
+        f"{' or '.join(map(str, args.batch))} (split evenly over the processes), Adam; "
+        f"{args.steps} timed steps after 5 warm-up steps, wall time of "
+        f"rank 0 between barriers; median (and range) of {args.repeats} interleaved "
+        f"repeats. {cores} cores; 1-minute load average {load_before:.1f} before and "
+        f"{load_after:.1f} after the run; {versions()}, {machine()}. "
         "`python benchmarks/bench_distributed.py`.",
         "",
-        "| processes | threads each | images/s | × 1 process, 1 thread |",
-        "|---:|---:|---:|---:|",
+        "| global batch | processes | threads each | images/s | range | "
+        "× 1 process, 1 thread |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
-    for world, threads in rows:
-        rate = rates[(world, threads)]
-        lines.append(f"| {world} | {threads} | {rate:.0f} | {rate / base:.2f} |")
+    for row in rows:
+        batch, world, threads = row
+        rate, low, high = rates[row], min(samples[row]), max(samples[row])
+        lines.append(f"| {batch} | {world} | {threads} | {rate:.0f} | {low:.0f}–{high:.0f} "
+                     f"| {rate / rates[(batch, 1, 1)]:.2f} |")
+    if busy:
+        lines += ["", f"**These figures are unreliable**: the load average exceeded the "
+                  f"{cores} cores during the run, i.e. other jobs on this shared machine "
+                  "held cores that the processes measured here needed. The ratios, not "
+                  "the absolute rates, are what carries over, and only roughly."]
     lines += [
         "",
-        "What bounds it: this machine has 2 cores, so 2 processes can at best double one "
-        "single-threaded process and only match one process using both cores; each step "
-        "adds DDP's all-reduce of the 314,784 gradient floats (1.26 MB) and one 3-float "
-        "all-reduce of NVIL's statistics over loopback, and each process pays Pyro's "
-        "per-step tracing overhead on half the batch (fixed cost per step, not per image). "
+        f"What bounds it: this machine has {cores} cores, so 2 processes can at best double "
+        "one single-threaded process and only match one process using both cores; each "
+        f"step adds DDP's all-reduce of the {NUMEL[0]:,} gradient floats "
+        f"({4 * NUMEL[0] / 1e6:.2f} MB: the SBN's 314,784 and NVIL's baseline net's) and "
+        "one 3-number all-reduce of NVIL's statistics over loopback, and each process pays "
+        "Pyro's per-step tracing overhead on half the batch (fixed cost per step, not per "
+        "image): the larger the per-rank batch, the more of the step is work that "
+        "splits (2 processes against 1: "
+        + ", ".join(f"{rates[(b, 2, 1)] / rates[(b, 1, 1)]:.2f}× at global batch {b}"
+                    for b in args.batch) + "). "
         "A row with more threads in total than idle cores measures contention, not the "
         "method (a load average above the core count means other jobs held the cores). "
         "See the Scaling out page for what changes on GPUs.",

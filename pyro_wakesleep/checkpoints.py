@@ -19,10 +19,16 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI
+from pyro.params.param_store import (
+    module_from_param_with_module_name,
+    normalize_param_name,
+    user_param_name,
+)
 from pyro.util import get_rng_state, set_rng_state
 
-__all__ = ["check_checkpoint_path", "check_compatible", "load_checkpoint",
-           "restore_training_state", "save_checkpoint", "training_state"]
+__all__ = ["check_checkpoint_path", "check_compatible", "check_optimizer_settings",
+           "load_checkpoint", "optimizer_settings", "restore_training_state",
+           "save_checkpoint", "training_state"]
 
 FORMAT = "pyro_wakesleep.fit/1"
 
@@ -238,3 +244,112 @@ def restore_training_state(state: Mapping[str, Any], trainer: Any,
         assert optimizer is not None
         trainer.load_state_dict({**trainer.state_dict(), **state["module"]})
         optimizer.load_state_dict(state["optimizer"])
+
+
+def _pyro_optim_args(optim: Any, names: Collection[str]) -> dict[str, Any]:
+    """The arguments a :class:`pyro.optim.PyroOptim` builds each parameter's optimizer
+    with: its dict, or for a callable its value at each name in ``names``."""
+    args = optim.pt_optim_args
+    if not callable(args):
+        return {"args": dict(args)}
+    if getattr(optim, "pt_optim_args_argc", 1) == 1:
+        return {"per_param_args": {n: dict(args(normalize_param_name(n))) for n in names}}
+    return {"per_param_args": {
+        n: dict(args(module_from_param_with_module_name(n), user_param_name(n)))
+        for n in names}}
+
+
+def optimizer_settings(trainer: Any, optimizer: torch.optim.Optimizer | None,
+                       names: Collection[str] | None = None) -> dict[str, Any]:
+    """The settings the optimizer was built with (learning rate, betas, weight decay, ...):
+    for :func:`~pyro_wakesleep.training.fit`, which records them at the start of a run
+    and compares them with :func:`check_optimizer_settings` when it resumes.
+
+    For the module route, every param group's settings (all entries but ``"params"``)
+    as they are now: call it before training changes them (a scheduler or a callback
+    may). For :class:`pyro.infer.SVI`, the arguments its :class:`pyro.optim.PyroOptim`
+    builds the per-parameter optimizers with (a callable's value at each parameter name
+    in ``names``, by default those in the param store), which training never changes.
+
+    :param trainer: a :class:`pyro.infer.SVI` or the module route's module.
+    :param torch.optim.Optimizer optimizer: the module route's optimizer, else ``None``.
+    :param names: for SVI with per-parameter arguments, the parameter names to list.
+    :rtype: dict
+    """
+    if isinstance(trainer, SVI):
+        optim = trainer.optim
+        store = pyro.get_param_store()
+        scheduler = getattr(optim, "pt_scheduler_constructor", None)
+        return {"optimizer": getattr(optim.pt_optim_constructor, "__name__", "?"),
+                "scheduler": None if scheduler is None else (
+                    getattr(scheduler, "__name__", "?"), dict(optim.kwargs)),
+                **_pyro_optim_args(optim, store.keys() if names is None else names)}
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+    return {"optimizer": type(optimizer).__name__, "param_groups": [
+        {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+        for group in optimizer.param_groups]}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _differs(where: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    for key in sorted(saved.keys() | current.keys()):
+        if key not in saved or key not in current or not _same(saved[key], current[key]):
+            raise ValueError(
+                f"optimizer setting {key!r}{where} is {current.get(key, '<unset>')!r} in this "
+                f"run but {saved.get(key, '<unset>')!r} in the checkpoint: a resumed run "
+                "continues with the checkpoint's optimizer state and settings, so build the "
+                "optimizer as the checkpointed run did, or pass resume=False (or another "
+                "checkpoint path) to start a run with the new settings")
+
+
+def check_optimizer_settings(saved: Mapping[str, Any] | None,
+                             current: Mapping[str, Any]) -> None:
+    """Checks that this run's optimizer was built with the settings of the checkpointed
+    run (both from :func:`optimizer_settings`): resuming restores the checkpoint's
+    optimizer state, learning rate included, so a different learning rate (or any other
+    setting) would be silently ignored; it is refused instead. Reads only.
+
+    A checkpoint of the other route (SVI against the module route) is not compared here:
+    :func:`check_compatible` refuses it.
+
+    :param dict saved: the checkpoint's ``"optimizer_settings"`` (``None`` for a
+        checkpoint that has none: nothing is checked).
+    :param dict current: this run's.
+    :raises ValueError: naming the first setting that differs, with both values.
+    """
+    if saved is None or ("param_groups" in saved) != ("param_groups" in current):
+        return
+    if saved["optimizer"] != current["optimizer"]:
+        raise ValueError(f"the optimizer is {current['optimizer']} in this run but "
+                         f"{saved['optimizer']} in the checkpoint")
+    if "param_groups" in saved and "param_groups" in current:
+        groups = saved["param_groups"], current["param_groups"]
+        if len(groups[0]) != len(groups[1]):
+            raise ValueError(f"the optimizer has {len(groups[1])} param group(s) in this run "
+                             f"but {len(groups[0])} in the checkpoint")
+        for i, (old, new) in enumerate(zip(*groups, strict=True)):
+            _differs(f" of param group {i}", old, new)
+        return
+    if not _same(saved.get("scheduler"), current.get("scheduler")):
+        raise ValueError(f"the learning-rate scheduler is {current.get('scheduler')!r} in "
+                         f"this run but {saved.get('scheduler')!r} in the checkpoint")
+    if "args" in saved and "args" in current:
+        _differs("", saved["args"], current["args"])
+    elif "per_param_args" in saved and "per_param_args" in current:
+        old, new = saved["per_param_args"], current["per_param_args"]
+        for name in sorted(old.keys() & new.keys()):
+            _differs(f" of parameter {name!r}", old[name], new[name])
+    else:
+        raise ValueError("the optimizer takes one dict of arguments in one of this run and "
+                         "the checkpoint and per-parameter arguments (a callable) in the "
+                         "other")

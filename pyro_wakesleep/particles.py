@@ -210,23 +210,32 @@ def check_finite_sites(particles: Particles) -> None:
                              "check the site's support and the guide's draws")
 
 
-def log_joint(particles: Particles) -> Tensor:
+def log_joint(particles: Particles, *, weights: Tensor | None = None) -> Tensor:
     """:math:`\\sum_k \\log p(x, z_k)`: the model's log-density (scaled) summed over
-    particles, sites and plates."""
-    return _total([s.log_p.sum() for s in particles.sites.values() if s.log_p is not None])
+    particles, sites and plates; with ``weights`` (e.g. self-normalized importance
+    weights, which broadcast against the canonical layout) the weighted sum
+    :math:`\\sum_{k,i} w_{k,i} \\log p(x_i, z_{k,i})`."""
+    return _total([s.log_p for s in particles.sites.values() if s.log_p is not None], weights)
 
 
-def log_guide(particles: Particles, where: Callable[[SiteTensors], bool] | None = None) -> Tensor:
+def log_guide(
+    particles: Particles, where: Callable[[SiteTensors], bool] | None = None, *,
+    weights: Tensor | None = None,
+) -> Tensor:
     """:math:`\\sum_k \\log q(z_k)`: the guide's log-density (scaled) summed over
-    particles, latent sites (those for which ``where`` holds, if given) and plates."""
+    particles, latent sites (those for which ``where`` holds, if given) and plates;
+    weighted by ``weights`` as in :func:`log_joint`."""
     return _total([
-        s.log_q.sum() for s in particles.sites.values()
+        s.log_q for s in particles.sites.values()
         if s.log_q is not None and (where is None or where(s))
-    ])
+    ], weights)
 
 
-def _total(terms: list[Tensor]) -> Tensor:
-    return functools.reduce(torch.add, terms) if terms else torch.zeros(())
+def _total(values: list[Tensor], weights: Tensor | None = None) -> Tensor:
+    terms = [(v if weights is None else weights * v).sum() for v in values]
+    if terms:
+        return functools.reduce(torch.add, terms)
+    return torch.zeros(()) if weights is None else weights.new_zeros(())
 
 
 class LogWeights(NamedTuple):

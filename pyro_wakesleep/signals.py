@@ -18,12 +18,16 @@ from torch import Tensor
 
 __all__ = [
     "debiased_average",
+    "dreg_vimco_surrogate",
+    "dreg_wake_phi_surrogate",
     "ema_update",
     "iwae_bound",
     "leave_one_out_mean",
     "normalize_signal",
+    "path_only",
     "reduce_to_dims",
     "self_normalized_weights",
+    "squared_self_normalized_weights",
     "vimco_baselines",
     "vimco_surrogate",
 ]
@@ -163,3 +167,93 @@ def vimco_surrogate(log_weights: Tensor, log_q: Tensor, dim: int = 0) -> Tensor:
     signal = bound.detach().unsqueeze(dim) - vimco_baselines(log_weights.detach(), dim)
     score = (signal * (log_q - log_q.detach())).sum(dim)
     return bound + score
+
+
+# -- doubly reparameterized gradients (Tucker et al., 2019; Roeder et al., 2017) ----------
+
+
+def squared_self_normalized_weights(log_weights: Tensor, dim: int = 0) -> Tensor:
+    """Squared self-normalized weights :math:`\\tilde w_k^2`, the coefficients of the
+    doubly reparameterized IWAE gradient (Tucker et al., 2019, eq. 7)."""
+    return torch.softmax(log_weights, dim) ** 2
+
+
+def path_only(value: Tensor, stopped: Tensor) -> Tensor:
+    """``value`` with the gradient of ``value - stopped``.
+
+    With ``value`` :math:`= \\log q_\\phi(z(\\phi))` (a log-density at pathwise draws)
+    and ``stopped`` :math:`= \\log q_\\phi(\\bot z)` (the same log-density at the draws
+    held constant), the result has the value of :math:`\\log q` and the gradient of
+    :math:`\\log q_{\\bot\\phi}(z(\\phi))`: the path through the draws only, the score
+    :math:`\\nabla_\\phi \\log q_\\phi(z)|_{z}` removed ("sticking the landing",
+    Roeder et al., 2017).
+    """
+    return value - (stopped - stopped.detach())
+
+
+def dreg_vimco_surrogate(
+    log_weights: Tensor, path_log_weights: Tensor, log_q: Tensor, dim: int = 0
+) -> Tensor:
+    """The doubly reparameterized (DReG) surrogate of the importance-weighted bound,
+    per batch element, with VIMCO's estimator at the score-function sites.
+
+    Its value is the bound :math:`\\hat L = \\log\\frac1K\\sum_k w_k` and its gradient
+
+    .. math::
+
+        \\sum_k \\tilde w_k\\, \\nabla \\ell_k
+            + \\sum_k \\tilde w_k^2\\, \\nabla \\ell^{\\rm path}_k
+            + \\sum_k \\big(\\hat L - \\hat L_{-k}\\big)\\, \\nabla \\log q(z^{\\rm sf}_k),
+
+    with :math:`\\tilde w_k = w_k/\\sum_j w_j` and :math:`\\hat L_{-k}` of
+    :func:`vimco_baselines` held constant (Tucker et al., 2019, eq. 7, for the
+    reparameterized part; Mnih & Rezende, 2016, for the rest).
+
+    :param torch.Tensor log_weights: :math:`\\ell_k = \\log w_k`, particles along
+        ``dim``; the weights are computed from its value, and its gradient enters with
+        coefficient :math:`\\tilde w_k` (the caller gives it the gradient of the model
+        parameters and of the score-function sites' log-densities).
+    :param torch.Tensor path_log_weights: a tensor whose gradient enters with coefficient
+        :math:`\\tilde w_k^2`: :math:`\\partial \\log w_k/\\partial z_k \\cdot
+        \\partial z_k/\\partial \\phi` through the reparameterized draws; its value is
+        ignored.
+    :param torch.Tensor log_q: :math:`\\log q(z^{\\rm sf}_k)`, broadcastable to
+        ``log_weights``; only its gradient is used.
+    :param int dim: the particle dimension.
+    :return: :math:`\\hat L`, with ``dim`` removed.
+    """
+    weights = self_normalized_weights(log_weights.detach(), dim)
+    bound = iwae_bound(log_weights.detach(), dim)
+    signal = bound.unsqueeze(dim) - vimco_baselines(log_weights.detach(), dim)
+    terms = (weights * log_weights + weights**2 * path_log_weights
+             + signal * log_q).sum(dim)
+    return bound + (terms - terms.detach())
+
+
+def dreg_wake_phi_surrogate(
+    log_weights: Tensor, path_log_weights: Tensor, log_q: Tensor, dim: int = 0
+) -> Tensor:
+    """The doubly reparameterized (DReG) estimator of reweighted wake-sleep's wake-phi
+    gradient, per batch element: a tensor of value zero whose gradient is
+
+    .. math::
+
+        \\sum_k \\big(\\tilde w_k - \\tilde w_k^2\\big)\\, \\nabla \\ell^{\\rm path}_k
+            + \\sum_k \\tilde w_k\\, \\nabla \\log q(z^{\\rm sf}_k),
+
+    an estimator of :math:`\\sum_k \\tilde w_k \\nabla_\\phi \\log q_\\phi(z_k)`, the
+    direction that lowers :math:`\\mathrm{KL}(p\\,\\|\\,q)` (Tucker et al., 2019,
+    section 5), with the weights held constant.
+
+    :param torch.Tensor log_weights: :math:`\\log w_k` (only its value is used).
+    :param torch.Tensor path_log_weights: its gradient is :math:`\\partial \\log
+        w_k/\\partial z_k \\cdot \\partial z_k/\\partial \\phi` through the
+        reparameterized draws; its value is ignored.
+    :param torch.Tensor log_q: :math:`\\log q(z^{\\rm sf}_k)` of the score-function
+        sites, broadcastable to ``log_weights``; only its gradient is used.
+    :param int dim: the particle dimension.
+    :return: zeros of the shape of ``log_weights`` with ``dim`` removed.
+    """
+    weights = self_normalized_weights(log_weights.detach(), dim)
+    terms = ((weights - weights**2) * path_log_weights + weights * log_q).sum(dim)
+    return terms - terms.detach()

@@ -19,17 +19,21 @@ import torch
 from pyro.infer import SVI
 from pyro.infer.elbo import ELBOModule
 from pyro.util import get_rng_state, set_rng_state
+from torch.nn.parallel import DistributedDataParallel
 
 from pyro_wakesleep._validation import check_int, check_real
 from pyro_wakesleep.checkpoints import (
     FORMAT,
     check_checkpoint_path,
+    check_optimizer_settings,
     load_checkpoint,
+    optimizer_settings,
     restore_training_state,
     save_checkpoint,
     training_state,
 )
 from pyro_wakesleep.diagnostics.history import History
+from pyro_wakesleep.distributed import _agree, _any, _gather, _mean, _own_streams, _rank_and_world
 
 __all__ = ["StepInfo", "fit"]
 
@@ -58,27 +62,39 @@ def _split(batch: Any) -> tuple[tuple, dict]:
 
 
 class _Route:
-    """Adapts SVI or an ELBOModule + torch optimizer to one interface."""
+    """Adapts SVI or an ELBOModule (optionally in DistributedDataParallel) + torch
+    optimizer to one interface. ``self.module`` is what is saved: the ELBOModule itself,
+    never the DDP wrapper, so that checkpoints do not depend on the number of ranks."""
 
     def __init__(self, trainer: Any, optimizer: torch.optim.Optimizer | None) -> None:
+        module = trainer.module if isinstance(trainer, DistributedDataParallel) else trainer
         if isinstance(trainer, SVI):  # SVI keeps the ELBO's bound methods
             self.model, self.guide = trainer.model, trainer.guide
             self.loss = getattr(trainer.loss_and_grads, "__self__", None)
             if optimizer is not None:
                 raise ValueError("optimizer is for fit(module, ...): SVI has its own")
-        elif isinstance(trainer, ELBOModule):
+        elif isinstance(module, ELBOModule):
             if optimizer is None:
                 raise ValueError("fit(module, ...) needs optimizer=torch.optim.<...>")
-            self.model, self.guide, self.loss = trainer.model, trainer.guide, trainer.elbo
+            self.model, self.guide, self.loss = module.model, module.guide, module.elbo
         else:
             raise TypeError(f"fit takes a pyro.infer.SVI or the module of objective(model, "
-                            f"guide) (an ELBOModule), got {trainer!r}")
-        self.trainer, self.optimizer = trainer, optimizer
+                            f"guide) (an ELBOModule, or DistributedDataParallel of one), "
+                            f"got {trainer!r}")
+        _, world = _rank_and_world()
+        if world > 1 and not isinstance(trainer, DistributedDataParallel):
+            raise ValueError(
+                f"fit: torch.distributed is initialized with {world} ranks, but the trainer "
+                f"is a {type(trainer).__name__}, which does not average gradients over "
+                "ranks; pass DistributedDataParallel(objective(model, guide)) with "
+                "optimizer=..., so that every rank holds the same state (rank 0 alone "
+                "writes the checkpoint)")
+        self.trainer, self.module, self.optimizer = trainer, module, optimizer
 
     def step(self, args: tuple, kwargs: dict) -> float:
         if isinstance(self.trainer, SVI):
             return float(self.trainer.step(*args, **kwargs))
-        assert self.optimizer is not None
+        assert self.optimizer is not None  # the DDP wrapper, if any, averages gradients
         loss = self.trainer(*args, **kwargs)
         self.optimizer.zero_grad()
         loss.backward()
@@ -92,10 +108,13 @@ class _Route:
             return float(self.loss.loss(self.model, self.guide, *args, **kwargs))
 
     def state(self) -> dict[str, Any]:
-        return training_state(self.trainer, self.optimizer, self.loss)
+        return training_state(self.module, self.optimizer, self.loss)
+
+    def settings(self, names: Any = None) -> dict[str, Any]:
+        return optimizer_settings(self.module, self.optimizer, names)
 
     def load(self, state: Mapping[str, Any], args: tuple, kwargs: dict) -> None:
-        restore_training_state(state, self.trainer, self.optimizer, self.loss,
+        restore_training_state(state, self.module, self.optimizer, self.loss,
                                lambda: self.evaluate(args, kwargs))
 
 
@@ -114,16 +133,22 @@ class _Data:
     def first(self) -> tuple[tuple, dict]:
         return self.fixed or _split(next(iter(self.data)))
 
+    def _iter(self) -> Iterator[Any]:
+        set_epoch = getattr(getattr(self.data, "sampler", None), "set_epoch", None)
+        if callable(set_epoch):  # a DistributedSampler: a new shuffle every epoch
+            set_epoch(self.epoch)
+        return iter(self.data)
+
     def next(self) -> tuple[tuple, dict]:
         if self.fixed is not None:
             return self.fixed
         if self.iterator is None:
-            self.iterator = iter(self.data)
+            self.iterator = self._iter()
         try:
             batch = next(self.iterator)
         except StopIteration:
             self.epoch, self.batch, self.epoch_rng = self.epoch + 1, 0, get_rng_state()
-            self.iterator = iterator = iter(self.data)
+            self.iterator = iterator = self._iter()
             batch = next(iterator, None)
             if batch is None:
                 raise ValueError("fit: the data yielded no batch") from None
@@ -138,7 +163,7 @@ class _Data:
         self.batch, self.iterator = 0, None
         if self.fixed is None:
             set_rng_state(self.epoch_rng)
-            self.iterator = iterator = iter(self.data)
+            self.iterator = iterator = self._iter()
             for _ in range(state["batch"]):
                 next(iterator)
         self.batch = state["batch"]
@@ -167,7 +192,7 @@ class _DeferInterrupt:
 
 
 def fit(
-    trainer: SVI | ELBOModule, data: Any, num_steps: int, *,
+    trainer: SVI | ELBOModule | DistributedDataParallel, data: Any, num_steps: int, *,
     optimizer: torch.optim.Optimizer | None = None, validation: Any = None,
     validate_every: int = 100, patience: int | None = None, min_delta: float = 0.0,
     restore_best: bool = False, checkpoint: str | os.PathLike | None = None,
@@ -188,8 +213,33 @@ def fit(
     :class:`KeyboardInterrupt`. Checkpoints are pickles: load only your own
     (:func:`torch.load` with ``weights_only=False``).
 
+    The optimizer must be built with the settings of the checkpointed run: resuming
+    restores its state, learning rate included, so a run resumed with another learning
+    rate (or betas, weight decay, optimizer class, ...) raises :class:`ValueError` naming
+    the setting rather than silently keeping the checkpoint's; pass ``resume=False`` or a
+    new checkpoint path to train on with new settings
+    (:func:`~pyro_wakesleep.checkpoints.check_optimizer_settings`).
+
+    **Data-parallel** (``torch.distributed`` initialized with several ranks): pass
+    ``DistributedDataParallel(objective(model, guide))`` with ``optimizer``, and each
+    rank's own ``data`` (e.g. a :class:`~torch.utils.data.DataLoader` with a
+    :class:`~torch.utils.data.DistributedSampler`, whose ``set_epoch`` fit calls every
+    epoch). Every rank holds the same training state, so rank 0 alone writes the
+    checkpoint (once per save), with every rank's random-number state; every rank reads
+    it when resuming (a file every rank can read). A checkpoint resumes on any number of
+    ranks, whichever number wrote it: on as many ranks, exactly as the uninterrupted run;
+    on another number, with the parameters, optimizer and control-variate state, history
+    and position in the data (in batches) of the checkpoint on every rank, rank ``r``
+    continuing the checkpoint's rank-``r`` random stream if it has one and a new one
+    (:func:`~pyro_wakesleep.distributed.derived_rng_state`) otherwise (a warning says
+    so). The loss in the history and the validation value are the means over ranks; a
+    callback or early stopping that stops one rank, or Ctrl-C on one, stops them all
+    after the same step (one small all-reduce per step each). Gradient statistics are
+    each rank's own (rank 0's are saved).
+
     :param trainer: a :class:`pyro.infer.SVI`, or the module of
-        ``objective(model, guide)`` (an :class:`pyro.infer.elbo.ELBOModule`) with
+        ``objective(model, guide)`` (an :class:`pyro.infer.elbo.ELBOModule`, or
+        :class:`~torch.nn.parallel.DistributedDataParallel` around one) with
         ``optimizer``.
     :param data: the arguments of every step (a tuple, or a dict of keyword arguments),
         or an iterable of batches (e.g. a :class:`torch.utils.data.DataLoader`) cycled
@@ -214,30 +264,42 @@ def fit(
     """
     callbacks = _check_arguments(locals())  # first: only the arguments are local
     route, stream, history = _Route(trainer, optimizer), _Data(data), History()
+    rank, world = _rank_and_world()
     early: dict[str, Any] = {"best": math.inf, "best_step": None, "bad": 0, "best_state": None}
     step = 0
-    if checkpoint is not None:
-        check_checkpoint_path(checkpoint)
-    if checkpoint is not None and resume and os.path.exists(checkpoint):
-        saved = load_checkpoint(checkpoint)
+    # the module route's settings as built, before a callback or scheduler changes them
+    settings = route.settings() if route.optimizer is not None else None
+    if checkpoint is not None and _agree(lambda: _exists(checkpoint, resume) if rank == 0
+                                         else None):
+        saved = _agree(lambda: load_checkpoint(checkpoint), everywhere=True)
+        saved_settings = saved.get("optimizer_settings")
+        if saved_settings is not None:
+            names = (saved_settings.get("per_param_args") or {}).keys()
+            check_optimizer_settings(saved_settings, settings or route.settings(names))
         route.load(saved["trainer"], *stream.first())
-        stream.load(saved["data"])
+        own = _own_streams(saved, rank, world)
+        stream.load({**saved["data"], "epoch_rng": own["epoch_rng"]})
         history, early, step = History.from_state(saved["history"]), saved["early"], saved["step"]
-        set_rng_state(saved["rng"])
+        set_rng_state(own["rng"])
 
-    def snapshot() -> dict[str, Any]:
-        return {"format": FORMAT, "step": step, "trainer": route.state(),
+    def save(path: str | os.PathLike) -> None:  # a collective: every rank calls it
+        ranks = _gather({"rng": get_rng_state(), "epoch_rng": stream.epoch_rng})
+        if rank == 0:  # every rank holds the same training state: rank 0 writes it
+            save_checkpoint(path, {
+                "format": FORMAT, "step": step, "trainer": route.state(),
                 "data": stream.state(), "history": history.state(), "early": early,
-                "rng": get_rng_state()}
+                "rng": ranks[0]["rng"], "ranks": ranks,
+                "optimizer_settings": settings if settings is not None else route.settings()})
 
     from tqdm.auto import tqdm
 
     stop = False
-    with _DeferInterrupt() as interrupt, tqdm(total=num_steps, initial=step, desc=description,
-                                              disable=not progress, mininterval=1.0) as bar:
+    with _DeferInterrupt() as interrupt, tqdm(
+            total=num_steps, initial=step, desc=description, mininterval=1.0,
+            disable=not progress or rank != 0) as bar:
         while step < num_steps and not stop:
             args, kwargs = stream.next()
-            loss = route.step(args, kwargs)
+            loss = _mean(route.step(args, kwargs))  # the ranks' mean: what DDP optimizes
             step += 1
             history.add_loss(step, loss)
             bar.set_postfix(loss=f"{history.running_loss:.4g}", refresh=False)
@@ -250,7 +312,7 @@ def fit(
                                        num_draws=gradient_stats_draws, **kwargs)
                 history.add_gradients(step, stats.rows("group"))
             if validation is not None and step % validate_every == 0:
-                value = _validate(route, validation)
+                value = _mean(_validate(route, validation))
                 history.add_validation(step, value)
                 if value < early["best"] - min_delta:
                     early.update(best=value, best_step=step, bad=0)
@@ -261,9 +323,11 @@ def fit(
                 stop = patience is not None and early["bad"] >= patience
             info = StepInfo(step, loss, history, stream.epoch)
             stop = any([cb(info) is True for cb in callbacks]) or stop
+            if world > 1:  # one rank stopping or interrupted stops them all at this step
+                stop, interrupt.requested = _any(stop, interrupt.requested)
             if checkpoint is not None and (step % checkpoint_every == 0 or stop
                                            or step == num_steps or interrupt.requested):
-                save_checkpoint(checkpoint, snapshot())
+                save(checkpoint)
             if interrupt.requested:
                 raise KeyboardInterrupt(f"fit interrupted after step {step}" + (
                     f"; resume from {os.fspath(checkpoint)!r}" if checkpoint else ""))
@@ -271,6 +335,11 @@ def fit(
         route.load(early["best_state"], *stream.first())
     history.stopped_early = stop
     return history
+
+
+def _exists(checkpoint: str | os.PathLike, resume: bool) -> bool:
+    check_checkpoint_path(checkpoint)
+    return resume and os.path.exists(checkpoint)
 
 
 def _check_arguments(a: Mapping[str, Any]) -> list[Callable[[StepInfo], bool | None]]:

@@ -161,3 +161,135 @@ def worker(rank: int, port: int, out: str) -> None:
     finally:
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         tdist.destroy_process_group()
+
+
+# -- fit() on 2 ranks: checkpoints written by rank 0 only, resumed on any number of ranks ----
+FIT_STEPS, FIT_CHECKPOINT_AT = 6, 3
+
+
+def fit_setup(rank: int, world: int):
+    """sf_neural (parameters, buffers and Adam state to restore) on this rank's loader:
+    the global batch of 4 in one process, 2 per rank (a DistributedSampler) on 2 ranks,
+    so that batch i of every rank together is global batch i."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    module = build("sf_neural")
+    wrapped = DistributedDataParallel(module) if world > 1 else module
+    optimizer = torch.optim.Adam(module.parameters(), lr=LR)
+    dataset = TensorDataset(DATA)
+    if world > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        loader = DataLoader(dataset, batch_size=4 // world, sampler=sampler)
+    else:
+        loader = DataLoader(dataset, batch_size=4, shuffle=False)
+    pyro.set_rng_seed(100 + rank)  # each rank its own stream
+    return module, wrapped, optimizer, loader
+
+
+def fit_run(rank: int, world: int, steps: int, checkpoint: str, validation: bool = True,
+            callbacks=()):
+    """fit() with a checkpoint; returns the final state, the history and how many times
+    this rank wrote a checkpoint."""
+    import pyro_wakesleep.training as training
+
+    module, wrapped, optimizer, loader = fit_setup(rank, world)
+    saves = []
+    original = training.save_checkpoint
+
+    def counting(path, state):
+        saves.append(state["step"])
+        original(path, state)
+
+    training.save_checkpoint = counting
+    try:
+        history = training.fit(
+            wrapped, loader, steps, optimizer=optimizer, checkpoint=checkpoint,
+            checkpoint_every=FIT_CHECKPOINT_AT, progress=False,
+            validation=(DATA[shard(rank)],) if validation else None, validate_every=2,
+            callbacks=callbacks)
+    finally:
+        training.save_checkpoint = original
+    return {"state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+            "losses": history.losses, "validation": history.validation, "saves": saves}
+
+
+def hand_resume(rank: int, world: int, checkpoint: str) -> dict[str, torch.Tensor]:
+    """What a 2-rank run does from a checkpoint's state, without fit(): the checkpoint's
+    parameters, control-variate and optimizer state, its position in the data, rank 0's
+    stream on rank 0 and derived_rng_state's on the others; a plain DDP loop."""
+    from pyro.util import set_rng_state
+
+    from pyro_wakesleep.distributed import derived_rng_state
+
+    module, wrapped, optimizer, loader = fit_setup(rank, world)
+    saved = torch.load(checkpoint, weights_only=False)
+    module.load_state_dict(saved["trainer"]["module"])
+    optimizer.load_state_dict(saved["trainer"]["optimizer"])
+    first = saved["ranks"][0]
+    epoch = saved["data"]["epoch"]
+    set_epoch = getattr(loader.sampler, "set_epoch", lambda epoch: None)
+    set_rng_state(first["epoch_rng"])
+    set_epoch(epoch)
+    batches = iter(loader)
+    for _ in range(saved["data"]["batch"]):
+        next(batches)
+    set_rng_state(first["rng"] if rank == 0 else derived_rng_state(first["rng"], rank))
+    for _ in range(saved["step"], FIT_STEPS):
+        try:
+            (x,) = next(batches)
+        except StopIteration:
+            epoch += 1
+            set_epoch(epoch)
+            batches = iter(loader)
+            (x,) = next(batches)
+        optimizer.zero_grad()
+        wrapped(x).backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def fit_worker(rank: int, port: int, out: str) -> None:
+    """Rank ``rank`` of 2: an uninterrupted fit(), a fit() stopped at a checkpoint and
+    resumed with fresh objects, and a resume from out/one.ckpt (written by 1 process)."""
+    import shutil
+    import warnings
+
+    try:
+        tdist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+            timeout=datetime.timedelta(seconds=60),
+        )
+    except Exception as error:
+        torch.save({"init_error": repr(error)}, os.path.join(out, f"fit{rank}.pt"))
+        return
+    torch.set_num_threads(1)
+    pyro.enable_validation(True)
+    path = lambda name: os.path.join(out, name)  # noqa: E731
+    results: dict = {}
+    try:
+        results["straight"] = fit_run(rank, WORLD, FIT_STEPS, path("straight.ckpt"))
+        results["first"] = fit_run(rank, WORLD, FIT_CHECKPOINT_AT, path("same.ckpt"))
+        if rank == 0:  # kept for the 1-process resume in the test
+            shutil.copy(path("same.ckpt"), path("two.ckpt"))
+        tdist.barrier()
+        results["resumed"] = fit_run(rank, WORLD, FIT_STEPS, path("same.ckpt"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results["from_one"] = fit_run(rank, WORLD, FIT_STEPS, path("one.ckpt"),
+                                          validation=False)
+        results["from_one_warnings"] = [str(w.message) for w in caught]
+        results["from_one_hand"] = hand_resume(rank, WORLD, path("one.ckpt.orig"))
+        if rank == 0:
+            with open(path("bad.ckpt"), "wb") as f:
+                f.write(b"not a checkpoint")
+        tdist.barrier()
+        try:  # every rank raises the same error: none is left waiting for the others
+            fit_run(rank, WORLD, FIT_STEPS, path("bad.ckpt"))
+        except ValueError as error:
+            results["bad"] = str(error)
+        results["stopped"] = fit_run(  # rank 1 alone asks to stop after step 2
+            rank, WORLD, FIT_STEPS, path("stop.ckpt"), validation=False,
+            callbacks=[lambda info: rank == 1 and info.step == 2])
+    finally:
+        torch.save(results, path(f"fit{rank}.pt"))
+        tdist.destroy_process_group()

@@ -75,3 +75,63 @@ def test_digits_and_mnist_loaders(tmp_path):
         load_binarized_mnist(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="test_fraction"):
         load_digits(test_fraction=1.5)
+
+
+def _run_or_skip(argv, capsys):
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    code = main(argv)
+    captured = capsys.readouterr()
+    if code == 3 and "could not start" in captured.err:
+        pytest.skip(f"torch.distributed cannot start here: {captured.err}")
+    return code, captured
+
+
+def test_compare_data_parallel_on_two_processes(tmp_path, capsys):
+    code, captured = _run_or_skip(
+        ["compare", "--devices", "2", "--steps", "4", "--particles", "2", "--grad-draws", "2",
+         "--batch-size", "8", "--objectives", "sf-nvil", "vimco", "--no-progress",
+         "--out", str(tmp_path)], capsys)
+    assert code == 0, captured.err
+    assert "data-parallel on 2 processes, 4 images each" in captured.out
+    assert "| sf-nvil |" in captured.out and "| vimco |" in captured.out
+    rows = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["objective"] for r in rows] == ["sf-nvil", "vimco"]
+    for r in rows:
+        assert len(r["train_elbo"]) == 4 and np.isfinite(r["test_elbo"])
+
+
+def test_compare_data_parallel_rejects_bad_input(tmp_path, capsys):
+    from pyro_wakesleep.examples.compare import compare_data_parallel, data_parallel_objectives
+
+    assert "pyro-tracegraph" not in data_parallel_objectives()
+    assert set(data_parallel_objectives()) == set(OBJECTIVES) - {"pyro-tracegraph"}
+    base = ["compare", "--devices", "2", "--steps", "2", "--out", str(tmp_path)]
+    assert main([*base, "--objectives", "pyro-tracegraph"]) == 2
+    assert "no differentiable_loss" in capsys.readouterr().err
+    assert main([*base, "--batch-size", "5", "--objectives", "sf"]) == 2
+    assert "batch_size=5 must be a multiple of devices=2" in capsys.readouterr().err
+    assert main([*base, "--devices", "0"]) == 2
+    train, test = load_digits()
+    with pytest.raises(ValueError, match="devices must be an int >= 2, got 1"):
+        compare_data_parallel(train, test, ["sf"], devices=1)
+    with pytest.raises(ValueError, match="backend must be"):
+        compare_data_parallel(train, test, ["sf"], backend="mpi")
+    with pytest.raises(TypeError):
+        compare_data_parallel(train, test, ["sf"], no_such_option=1)
+
+
+def test_compare_jit_trains_the_same_curves(tmp_path, capsys):
+    train, test = load_digits()
+    runs = [compare(train, test, ["sf-nvil", "vimco", "ws"], steps=20, latent=(16,),
+                    progress=False, grad_draws=2, jit=jit) for jit in (False, True)]
+    for eager, compiled in zip(*runs, strict=True):
+        assert compiled.objective == eager.objective
+        np.testing.assert_allclose(compiled.train_elbo, eager.train_elbo, rtol=1e-6)
+        assert compiled.test_elbo == pytest.approx(eager.test_elbo, rel=1e-6)
+    code = main(["compare", "--jit", "--steps", "5", "--objectives", "sf", "rebar",
+                 "--grad-draws", "2", "--no-progress", "--out", str(tmp_path)])
+    assert code == 0
+    assert "compiled steps (--jit)" in capsys.readouterr().out

@@ -7,12 +7,16 @@ import torch
 
 from pyro_wakesleep.signals import (
     debiased_average,
+    dreg_vimco_surrogate,
+    dreg_wake_phi_surrogate,
     ema_update,
     iwae_bound,
     leave_one_out_mean,
     normalize_signal,
+    path_only,
     reduce_to_dims,
     self_normalized_weights,
+    squared_self_normalized_weights,
     vimco_baselines,
 )
 
@@ -80,3 +84,45 @@ def test_vimco_baselines_hand_values():
     assert torch.allclose(out[:, 1], torch.ones(3))  # equal weights: baseline = bound
     with pytest.raises(ValueError):
         vimco_baselines(torch.zeros(1, 4))
+
+
+def test_squared_self_normalized_weights():
+    log_w = torch.log(torch.tensor([1.0, 3.0]))
+    assert torch.allclose(squared_self_normalized_weights(log_w), torch.tensor([1 / 16, 9 / 16]))
+
+
+def test_path_only_keeps_the_value_and_the_difference_of_gradients():
+    phi = torch.tensor(2.0, requires_grad=True)
+    value, stopped = 3.0 * phi, phi**2  # gradients 3 and 4 at phi = 2
+    out = path_only(value, stopped)
+    assert out.item() == 6.0
+    (grad,) = torch.autograd.grad(out, phi)
+    assert grad.item() == pytest.approx(-1.0)
+
+
+def test_dreg_vimco_surrogate_gradient_by_hand():
+    # K = 2, one batch element; leaf tensors stand for the three gradient carriers
+    log_w = torch.log(torch.tensor([[1.0], [3.0]])).requires_grad_()
+    path = torch.zeros(2, 1, requires_grad=True)
+    log_q = torch.zeros(2, 1, requires_grad=True)
+    out = dreg_vimco_surrogate(log_w, path, log_q, dim=0)
+    assert torch.allclose(out, torch.log(torch.tensor([2.0])))  # log((1 + 3) / 2)
+    g_w, g_path, g_q = torch.autograd.grad(out.sum(), [log_w, path, log_q])
+    w = torch.tensor([[0.25], [0.75]])
+    assert torch.allclose(g_w, w)
+    assert torch.allclose(g_path, w**2)
+    # VIMCO signal: L - L_{-k}, with L_{-1} = log((3 + 3) / 2), L_{-2} = log((1 + 1) / 2)
+    expected = torch.tensor([[math.log(2.0) - math.log(3.0)], [math.log(2.0)]])
+    assert torch.allclose(g_q, expected)
+
+
+def test_dreg_wake_phi_surrogate_gradient_by_hand():
+    log_w = torch.log(torch.tensor([1.0, 3.0]))
+    path = torch.zeros(2, requires_grad=True)
+    log_q = torch.zeros(2, requires_grad=True)
+    out = dreg_wake_phi_surrogate(log_w, path, log_q)
+    assert out.item() == 0.0
+    g_path, g_q = torch.autograd.grad(out, [path, log_q])
+    w = torch.tensor([0.25, 0.75])
+    assert torch.allclose(g_path, w - w**2)
+    assert torch.allclose(g_q, w)

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from pyro_wakesleep import MovingAverageBaseline, ScoreFunctionELBO
+from pyro_wakesleep.checkpoints import check_optimizer_settings, optimizer_settings
+from pyro_wakesleep.distributed import derived_rng_state
 from pyro_wakesleep.training import History, fit
 
 SCRIPT = textwrap.dedent('''
@@ -417,3 +419,87 @@ def test_bad_arguments_are_refused_before_training(kwargs, error, match):
     with pytest.raises(error, match=match):
         fit(svi, X, **kwargs)
     assert list(pyro.get_param_store().keys()) == []  # no step was taken
+
+
+# -- resuming with other optimizer settings is refused, naming the setting ------------------
+class _LocGuide(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_loc = torch.nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x):
+        pyro.sample("loc", pyro.distributions.Normal(self.q_loc, 0.5))
+
+
+def _module_run(tmp_path, steps, lr=0.05, optimizer=torch.optim.Adam, decay=False):
+    svi, loss = _svi({})
+    module = loss(svi.model, _LocGuide())
+    opt = optimizer(module.parameters(), lr=lr)
+
+    def halve(info):  # a callback that changes the learning rate during training
+        for group in opt.param_groups:
+            group["lr"] *= 0.5
+
+    return fit(module, X, steps, optimizer=opt, checkpoint=tmp_path / "lr.ckpt",
+               checkpoint_every=2, progress=False, callbacks=[halve] if decay else [])
+
+
+def test_resume_with_another_learning_rate_raises_and_changes_nothing(tmp_path):
+    _module_run(tmp_path, 2)
+    before = torch.load(tmp_path / "lr.ckpt", weights_only=False)
+    with pytest.raises(ValueError, match=r"'lr' of param group 0 is 0.01 in this run but "
+                                         r"0.05 in the checkpoint.*resume=False"):
+        _module_run(tmp_path, 4, lr=0.01)
+    with pytest.raises(ValueError, match="optimizer is SGD in this run but Adam"):
+        _module_run(tmp_path, 4, optimizer=torch.optim.SGD)
+    after = torch.load(tmp_path / "lr.ckpt", weights_only=False)
+    assert after["step"] == before["step"] == 2
+    assert len(_module_run(tmp_path, 4).losses) == 4  # the same settings resume
+    with pytest.raises(ValueError, match="'lr'"):  # also when no step is left to do
+        _module_run(tmp_path, 4, lr=0.01)
+
+
+def test_settings_are_those_the_optimizer_was_built_with(tmp_path):
+    """A callback that changes the learning rate during training does not make the resume
+    fail: the settings compared are those at the start of the run."""
+    straight = _module_run(tmp_path / "a", 6, decay=True)
+    _module_run(tmp_path / "b", 3, decay=True)
+    resumed = _module_run(tmp_path / "b", 6, decay=True)
+    assert resumed.losses == straight.losses
+
+
+def test_svi_resume_with_another_learning_rate_raises(tmp_path):
+    svi, _ = _svi(Q)
+    fit(svi, X, 2, checkpoint=tmp_path / "svi.ckpt", progress=False)
+    svi, _ = _svi(Q)
+    svi.optim.pt_optim_args = {"lr": 0.2}
+    with pytest.raises(ValueError, match=r"'lr' is 0.2 in this run but 0.05 in the checkpoint"):
+        fit(svi, X, 4, checkpoint=tmp_path / "svi.ckpt", progress=False)
+    svi, _ = _svi(Q)
+    assert len(fit(svi, X, 4, checkpoint=tmp_path / "svi.ckpt", progress=False).losses) == 4
+
+
+def test_optimizer_settings_per_parameter_and_bad_input():
+    svi, _ = _svi(Q)
+    svi.optim = pyro.optim.Adam(lambda name: {"lr": 0.1 if name == "q_loc" else 0.2})
+    settings = optimizer_settings(svi, None, names=["q_loc", "q_shift"])
+    assert settings["per_param_args"] == {"q_loc": {"lr": 0.1}, "q_shift": {"lr": 0.2}}
+    other = {**settings, "per_param_args": {"q_loc": {"lr": 0.1}, "q_shift": {"lr": 0.3}}}
+    with pytest.raises(ValueError, match=r"'lr' of parameter 'q_shift' is 0.3 in this run"):
+        check_optimizer_settings(settings, other)
+    check_optimizer_settings(settings, settings)
+    check_optimizer_settings(None, settings)  # an older checkpoint: nothing to compare
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        optimizer_settings(torch.nn.Linear(1, 1), None)
+
+
+def test_derived_rng_state_is_deterministic_per_rank_and_changes_nothing():
+    pyro.set_rng_seed(3)
+    state = pyro.util.get_rng_state()
+    first, again, other = (derived_rng_state(state, r) for r in (1, 1, 2))
+    assert torch.equal(first["torch"], again["torch"])
+    assert not torch.equal(first["torch"], other["torch"])
+    assert not torch.equal(first["torch"], state["torch"])
+    assert torch.equal(pyro.util.get_rng_state()["torch"], state["torch"])
+    with pytest.raises(ValueError, match="rank"):
+        derived_rng_state(state, 0)

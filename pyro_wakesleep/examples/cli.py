@@ -44,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"subset of: {' '.join(experiment.OBJECTIVES)}")
     cmp.add_argument("--data", default=None, metavar="PATH",
                      help="binarized MNIST .npz (train/valid/test bit-packed arrays)")
+    cmp.add_argument("--devices", type=int, default=1, metavar="N",
+                     help="train data-parallel on N processes (N GPUs with nccl when CUDA "
+                          "has them, else N CPU processes with gloo), the global batch "
+                          "split evenly over them; objectives without a "
+                          "differentiable_loss (pyro-tracegraph) are left out")
+    cmp.add_argument("--jit", action="store_true",
+                     help="compiled training steps (the objectives' jit=True; "
+                          "pyro-tracegraph, rebar and relax run eagerly)")
     cmp.add_argument("--out", default="runs/compare", help="output folder")
     cmp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -65,18 +73,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     objectives = args.objectives or list(experiment.OBJECTIVES)
     if args.particles < 2:
         objectives = [o for o in objectives if o != "sf-loo"]
+    if args.devices > 1 and not args.objectives:
+        left_out = [o for o in objectives if o not in experiment.data_parallel_objectives()]
+        objectives = [o for o in objectives if o not in left_out]
+        if left_out:
+            print(f"left out (no differentiable_loss, cannot run data-parallel): "
+                  f"{' '.join(left_out)}")
+    parallel = (f"; data-parallel on {args.devices} processes, "
+                f"{args.batch_size // max(args.devices, 1)} images each"
+                if args.devices > 1 else "")
     print(f"data: {source}; train {tuple(train.shape)}, test {tuple(test.shape)}; "
           f"SBN {train.shape[1]}-{'-'.join(map(str, latent))}; {args.steps} steps, "
-          f"{args.particles} particles, batch {args.batch_size}")
+          f"{args.particles} particles, batch {args.batch_size}{parallel}"
+          f"{'; compiled steps (--jit)' if args.jit else ''}")
+    options = dict(steps=args.steps, num_particles=args.particles,
+                   batch_size=args.batch_size, latent=latent, learning_rate=args.lr,
+                   seed=args.seed, grad_draws=args.grad_draws, progress=not args.no_progress,
+                   jit=args.jit)
     try:
-        results = experiment.compare(
-            train, test, objectives, steps=args.steps, num_particles=args.particles,
-            batch_size=args.batch_size, latent=latent, learning_rate=args.lr, seed=args.seed,
-            grad_draws=args.grad_draws, progress=not args.no_progress,
-        )
+        if args.devices < 1:
+            raise ValueError(f"--devices must be at least 1, got {args.devices}")
+        if args.devices == 1:
+            results = experiment.compare(train, test, objectives, **options)
+        else:
+            results = experiment.compare_data_parallel(
+                train, test, objectives, devices=args.devices, **options)
     except ValueError as error:
         print(f"pyro-wakesleep compare: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # the processes could not start, or one failed
+        print(f"pyro-wakesleep compare: error: {error}", file=sys.stderr)
+        return 3
     print(experiment.format_table(results))
     paths = experiment.save(results, args.out)
     print(f"wrote {paths['md']}, {paths['json']} and {paths['png']}")

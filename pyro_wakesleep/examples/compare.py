@@ -4,26 +4,40 @@
 objective, from the same initial weights and on the same mini-batches, and measures each
 by the held-out ELBO, the variance of its guide gradient at the trained parameters, and
 its time per step. ``pyro-wakesleep compare`` is its command line.
+
+Data-parallel: called on every rank of an initialized ``torch.distributed`` process group
+(``torchrun``), :func:`compare` trains each objective with
+:class:`~torch.nn.parallel.DistributedDataParallel`, every rank on its shard of the same
+global batch (a :class:`~torch.utils.data.DistributedSampler`) and with its own draws;
+:func:`compare_data_parallel` (``pyro-wakesleep compare --devices N``) starts the
+processes itself.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
+import inspect
 import json
 import math
 import os
+import socket
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyro
 import pyro.poutine as poutine
 import torch
+import torch.distributed as dist
 from pyro.infer import ELBO, SVI, TraceGraph_ELBO
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
 from pyro_wakesleep.control_variates import (
     LeaveOneOutBaseline,
@@ -31,10 +45,13 @@ from pyro_wakesleep.control_variates import (
     NeuralBaseline,
 )
 from pyro_wakesleep.diagnostics import gradient_stats
+from pyro_wakesleep.distributed import _rank_and_world
 from pyro_wakesleep.examples._optional import require
 from pyro_wakesleep.examples.models import SigmoidBeliefNet
 from pyro_wakesleep.objectives import (
     DisarmELBO,
+    RebarELBO,
+    RelaxELBO,
     ReweightedWakeSleepELBO,
     ScoreFunctionELBO,
     VimcoELBO,
@@ -42,9 +59,11 @@ from pyro_wakesleep.objectives import (
 )
 from pyro_wakesleep.training import StepInfo, fit
 
-__all__ = ["OBJECTIVES", "Result", "compare", "format_table"]
+__all__ = ["OBJECTIVES", "Result", "compare", "compare_data_parallel", "data_parallel_objectives",
+           "format_table"]
 
-Factory = Callable[[int, SigmoidBeliefNet], tuple[ELBO, Callable]]
+#: ``factory(num_particles, net, jit=False) -> (loss, guide)``
+Factory = Callable[..., tuple[ELBO, Callable]]
 
 
 def _decaying_average(guide: Callable) -> Callable:
@@ -58,28 +77,43 @@ def _nvil(width: int) -> NeuralBaseline:
     return NeuralBaseline(nn.Sequential(nn.Linear(width, 100), nn.Tanh(), nn.Linear(100, 1)))
 
 
-#: Named objectives for :func:`compare`: ``factory(num_particles, net) -> (loss, guide)``.
+#: Named objectives for :func:`compare`: ``factory(num_particles, net, jit=False) ->
+#: (loss, guide)`` (``jit``: the objective's ``jit`` option, where it has one).
+#: An entry whose loss has a ``differentiable_loss`` also runs data-parallel
+#: (:func:`data_parallel_objectives`).
 OBJECTIVES: dict[str, Factory] = {
-    "pyro-tracegraph": lambda k, net: (
+    # Pyro's JitTraceGraph_ELBO raises with its decaying-average baseline (Pyro 1.9.2), so
+    # this row stays eager under jit=True
+    "pyro-tracegraph": lambda k, net, jit=False: (
         TraceGraph_ELBO(num_particles=k, vectorize_particles=True, max_plate_nesting=1),
         _decaying_average(net.guide),
     ),
-    "sf": lambda k, net: (ScoreFunctionELBO(k, max_plate_nesting=1), net.guide),
-    "sf-average": lambda k, net: (
-        ScoreFunctionELBO(k, MovingAverageBaseline(), max_plate_nesting=1), net.guide
+    "sf": lambda k, net, jit=False: (
+        ScoreFunctionELBO(k, max_plate_nesting=1, jit=jit), net.guide),
+    "sf-average": lambda k, net, jit=False: (
+        ScoreFunctionELBO(k, MovingAverageBaseline(), max_plate_nesting=1, jit=jit), net.guide
     ),
-    "sf-nvil": lambda k, net: (
-        ScoreFunctionELBO(k, _nvil(net.sizes[0]), max_plate_nesting=1), net.guide
+    "sf-nvil": lambda k, net, jit=False: (
+        ScoreFunctionELBO(k, _nvil(net.sizes[0]), max_plate_nesting=1, jit=jit), net.guide
     ),
-    "sf-loo": lambda k, net: (
-        ScoreFunctionELBO(k, LeaveOneOutBaseline(), max_plate_nesting=1), net.guide
+    "sf-loo": lambda k, net, jit=False: (
+        ScoreFunctionELBO(k, LeaveOneOutBaseline(), max_plate_nesting=1, jit=jit), net.guide
     ),
-    "ws": lambda k, net: (WakeSleepELBO(k, max_plate_nesting=1), net.guide),
-    "rws": lambda k, net: (ReweightedWakeSleepELBO(max(k, 2), max_plate_nesting=1), net.guide),
-    "vimco": lambda k, net: (VimcoELBO(max(k, 2), max_plate_nesting=1), net.guide),
-    # as many model evaluations per step as k particles: a DisARM draw costs 1 + L runs
-    "disarm": lambda k, net: (
-        DisarmELBO(max(1, k // (1 + net.num_layers)), max_plate_nesting=1), net.guide
+    "ws": lambda k, net, jit=False: (WakeSleepELBO(k, max_plate_nesting=1, jit=jit), net.guide),
+    "rws": lambda k, net, jit=False: (
+        ReweightedWakeSleepELBO(max(k, 2), max_plate_nesting=1, jit=jit), net.guide),
+    "vimco": lambda k, net, jit=False: (
+        VimcoELBO(max(k, 2), max_plate_nesting=1, jit=jit), net.guide),
+    # as many model evaluations per step as k particles: a DisARM draw costs 1 + L runs,
+    # a REBAR/RELAX draw 1 + 2L (they refuse jit=True's recording and run eagerly)
+    "disarm": lambda k, net, jit=False: (
+        DisarmELBO(max(1, k // (1 + net.num_layers)), max_plate_nesting=1, jit=jit), net.guide
+    ),
+    "rebar": lambda k, net, jit=False: (
+        RebarELBO(max(1, k // (1 + 2 * net.num_layers)), max_plate_nesting=1), net.guide
+    ),
+    "relax": lambda k, net, jit=False: (
+        RelaxELBO(max(1, k // (1 + 2 * net.num_layers)), max_plate_nesting=1), net.guide
     ),
 }
 
@@ -142,6 +176,7 @@ def compare(
     seed: int = 0,
     grad_draws: int = 50,
     progress: bool = True,
+    jit: bool = False,
 ) -> list[Result]:
     """Trains a sigmoid belief net with each objective and measures it.
 
@@ -156,8 +191,53 @@ def compare(
     :param int seed: seed of the initial weights, the batches and the draws.
     :param int grad_draws: gradient draws for the variance estimate.
     :param bool progress: show a tqdm progress bar.
+    :param bool jit: train with compiled steps (the objectives' ``jit=True``; see the docs
+        page "Compiled objectives"); Pyro's row stays eager.
     :rtype: list[Result]
+
+    On every rank of an initialized ``torch.distributed`` process group, each objective
+    is trained data-parallel (``batch_size`` is then the global batch, split evenly over
+    the ranks; only objectives with a ``differentiable_loss``), rank 0 measures it (the
+    gradient variance at the global batch, as on one process), and the results are
+    returned on rank 0 (an empty list on the others).
     """
+    _check(objectives, steps, num_particles, batch_size, grad_draws, train, test)
+    rank, world = _rank_and_world()
+    if world > 1:
+        _check_data_parallel(objectives, world, batch_size)
+    device = _device()
+    train, test = train.to(device), test.to(device)
+    torch.manual_seed(seed)
+    initial = SigmoidBeliefNet((train.shape[1], *latent)).to(device)
+    results = []
+    for name in objectives:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed + rank)  # each rank its own draws
+        net = copy.deepcopy(initial)
+        loss, guide = OBJECTIVES[name](num_particles, net, jit=jit)
+        timer = _StepTimer()
+        history = _train(net, loss, guide, train, steps, batch_size, learning_rate, seed,
+                         callbacks=[timer], progress=progress and rank == 0, description=name)
+        if rank != 0:
+            continue
+        # at the global batch, in rank 0 alone: the estimator DDP averages is this one
+        # (each datapoint with its own particles) divided by the number of ranks
+        stats = gradient_stats(net.model, guide, loss, train[:batch_size],
+                               num_draws=grad_draws, only=["guide"], seed=seed)
+        (summary,) = stats.rows(by="group")
+        results.append(Result(
+            objective=name,
+            test_elbo=heldout_elbo(net, test),
+            grad_variance=summary["variance"] / summary["numel"],
+            grad_snr=summary["snr"],
+            ms_per_step=1e3 * statistics.median(timer.times),
+            train_elbo=[-v / (batch_size // world) for v in history.losses],
+        ))
+    return results
+
+
+def _check(objectives: Sequence[str], steps: int, num_particles: int, batch_size: int,
+           grad_draws: int, train: Tensor, test: Tensor) -> None:
     unknown = [name for name in objectives if name not in OBJECTIVES]
     if unknown:
         raise ValueError(f"unknown objective(s) {unknown}; choose from {sorted(OBJECTIVES)}")
@@ -169,35 +249,150 @@ def compare(
     if train.dim() != 2 or train.shape[1] != test.shape[1]:
         raise ValueError(f"train and test must be (n, D) images, got {tuple(train.shape)} "
                          f"and {tuple(test.shape)}")
-    torch.manual_seed(seed)
-    initial = SigmoidBeliefNet((train.shape[1], *latent))
-    results = []
-    for name in objectives:
-        pyro.clear_param_store()
-        pyro.set_rng_seed(seed)
-        net = copy.deepcopy(initial)
-        loss, guide = OBJECTIVES[name](num_particles, net)
+
+
+def _device() -> torch.device:
+    """This rank's GPU under ``nccl``, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _train(net: SigmoidBeliefNet, loss: ELBO, guide: Callable, train: Tensor, steps: int,
+           batch_size: int, learning_rate: float, seed: int, **options: Any) -> Any:
+    """fit() with SVI on one process; with DDP around ``loss(model, guide)`` on this
+    rank's shard of every global batch of ``batch_size`` when distributed."""
+    rank, world = _rank_and_world()
+    if world == 1:
         optim = pyro.optim.Adam({"lr": learning_rate})  # type: ignore[attr-defined]
         svi = SVI(net.model, guide, optim, loss)
         batches: DataLoader[Tensor] = DataLoader(
             train, batch_size, shuffle=True, drop_last=True,  # type: ignore[arg-type]
             generator=torch.Generator().manual_seed(seed),
         )
-        timer = _StepTimer()
-        history = fit(svi, batches, steps, callbacks=[timer], progress=progress,
-                      description=name)
-        stats = gradient_stats(net.model, guide, loss, train[:batch_size],
-                               num_draws=grad_draws, only=["guide"], seed=seed)
-        (summary,) = stats.rows(by="group")
-        results.append(Result(
-            objective=name,
-            test_elbo=heldout_elbo(net, test),
-            grad_variance=summary["variance"] / summary["numel"],
-            grad_snr=summary["snr"],
-            ms_per_step=1e3 * statistics.median(timer.times),
-            train_elbo=[-v / batch_size for v in history.losses],
-        ))
-    return results
+        return fit(svi, batches, steps, **options)
+    per_rank = batch_size // world
+    sampler: DistributedSampler[int] = DistributedSampler(
+        train, world, rank, shuffle=True, seed=seed, drop_last=True)  # type: ignore[arg-type]
+    shard: DataLoader[Tensor] = DataLoader(
+        train, per_rank, sampler=sampler, drop_last=True)  # type: ignore[arg-type]
+    module: Any = loss(net.model, guide)  # type: ignore[arg-type]  # an ObjectiveModule
+    module.initialize(train[:per_rank])  # lazily built control variates exist before DDP
+    ddp = DistributedDataParallel(module)
+    optimizer = torch.optim.Adam(module.parameters(), lr=learning_rate)
+    return fit(ddp, shard, steps, optimizer=optimizer, **options)
+
+
+def data_parallel_objectives(objectives: Sequence[str] = tuple(OBJECTIVES)) -> list[str]:
+    """The names among ``objectives`` that can be trained data-parallel: those whose loss
+    has a ``differentiable_loss`` (every objective of this package; not Pyro's
+    ``TraceGraph_ELBO``), so that ``loss(model, guide)`` is a module that
+    :class:`~torch.nn.parallel.DistributedDataParallel` can wrap.
+
+    :param objectives: names from :data:`OBJECTIVES`.
+    :rtype: list[str]
+    """
+    net = SigmoidBeliefNet((2, 1))
+    return [name for name in objectives if name in OBJECTIVES and callable(
+        getattr(OBJECTIVES[name](2, net)[0], "differentiable_loss", None))]
+
+
+def _check_data_parallel(objectives: Sequence[str], devices: int, batch_size: int) -> None:
+    ok = data_parallel_objectives(objectives)
+    refused = [name for name in objectives if name not in ok]
+    if refused:
+        raise ValueError(f"objective(s) {refused} have no differentiable_loss and cannot be "
+                         f"trained data-parallel; choose from {ok or data_parallel_objectives()}")
+    if batch_size % devices:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of devices={devices} "
+                         "(the global batch is split evenly over the ranks)")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(rank: int, devices: int, port: int, backend: str, train: Tensor, test: Tensor,
+               objectives: list[str], options: dict[str, Any], out: str) -> None:
+    """One rank of :func:`compare_data_parallel` (module level: spawn pickles it)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=devices, timeout=datetime.timedelta(minutes=10))
+    except Exception as error:  # reported by the parent as "could not start"
+        with open(f"{out}.init{rank}", "w") as f:
+            f.write(repr(error))
+        return
+    try:
+        results = compare(train, test, objectives, **options)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump([asdict(r) for r in results], f)
+    finally:
+        dist.destroy_process_group()
+
+
+def compare_data_parallel(
+    train: Tensor, test: Tensor, objectives: Sequence[str] | None = None, *, devices: int = 2,
+    backend: str | None = None, **options: Any,
+) -> list[Result]:
+    """:func:`compare` data-parallel on ``devices`` processes started here
+    (:func:`torch.multiprocessing.spawn`, rendezvous on 127.0.0.1): on as many GPUs with
+    ``nccl`` when CUDA has that many, else on CPU processes with ``gloo``. Every global
+    batch of ``batch_size`` images is split evenly over the ranks, each drawing its own
+    particles (seed ``seed + rank``); rank 0 measures the trained models and its results
+    are returned.
+
+    :param torch.Tensor train: training images, ``(n, D)`` of 0/1.
+    :param torch.Tensor test: held-out images.
+    :param objectives: names from :data:`OBJECTIVES` that
+        :func:`data_parallel_objectives` accepts (default: all of them).
+    :param int devices: the number of processes, at least 2.
+    :param str backend: ``"gloo"`` or ``"nccl"``; by default as above.
+    :param options: the keyword arguments of :func:`compare`.
+    :rtype: list[Result]
+    :raises ValueError: for bad input (before any process starts).
+    :raises RuntimeError: if the processes cannot start or one fails.
+    """
+    import torch.multiprocessing as mp
+
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 2:
+        raise ValueError(f"devices must be an int >= 2, got {devices!r}")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= devices \
+            else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < devices:
+        raise ValueError(f"backend='nccl' needs {devices} GPUs, found "
+                         f"{torch.cuda.device_count()}")
+    if not (dist.is_available() and (backend == "nccl" or dist.is_gloo_available())):
+        raise RuntimeError(f"torch.distributed with {backend} is not available here")
+    names = list(data_parallel_objectives() if objectives is None else objectives)
+    bound = inspect.signature(compare).bind(train, test, names, **options)  # TypeError
+    bound.apply_defaults()
+    a = bound.arguments
+    _check(names, a["steps"], a["num_particles"], a["batch_size"], a["grad_draws"], train,
+           test)
+    _check_data_parallel(names, devices, a["batch_size"])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.json")
+        try:
+            mp.spawn(_rank_main, nprocs=devices, join=True, args=(
+                devices, _free_port(), backend, train, test, names, options, out))
+        except Exception as error:  # a rank failed: its traceback is in the message
+            raise RuntimeError(f"compare on {devices} {backend} processes failed: "
+                               f"{error}") from error
+        failed = [f"{out}.init{r}" for r in range(devices) if os.path.exists(f"{out}.init{r}")]
+        if failed or not os.path.exists(out):
+            reason = Path(failed[0]).read_text() if failed else "no results"
+            raise RuntimeError(f"could not start {devices} {backend} processes: {reason}")
+        with open(out) as f:
+            return [Result(**row) for row in json.load(f)]
 
 
 def format_table(results: Sequence[Result]) -> str:

@@ -9,7 +9,8 @@ from pyro.distributions import Delta
 from torch import Tensor
 from torch.distributions import Independent
 
-from pyro_wakesleep._validation import check_finite
+from pyro_wakesleep._replay import replay_stopped, warn_if_no_pathwise_site
+from pyro_wakesleep._validation import check_bool, check_finite
 from pyro_wakesleep.control_variates import ControlVariate, SiteContext, TraceGraphBaseline
 from pyro_wakesleep.downstream import learning_signals
 from pyro_wakesleep.objectives._site_control import (
@@ -19,6 +20,7 @@ from pyro_wakesleep.objectives._site_control import (
 )
 from pyro_wakesleep.objectives.base import Objective
 from pyro_wakesleep.particles import check_finite_sites, log_guide, log_joint
+from pyro_wakesleep.signals import path_only
 
 __all__ = ["ScoreFunctionELBO"]
 
@@ -59,6 +61,17 @@ class ScoreFunctionELBO(Objective):
         site name to control variate (``None`` for none), or ``None``.
     :param bool force_score_function: use the score-function estimator at every guide
         site, reparameterizable or not (to compare the two estimators).
+    :param bool stick_the_landing: drop the score term of the pathwise sites (Roeder,
+        Wu & Duvenaud, 2017, *Sticking the landing*, NeurIPS): their
+        :math:`\\log q_\\phi(z^{(k)}_{\\rm rep})` above is differentiated through the draws
+        only, as :math:`\\nabla_\\phi \\log q_{\\bot\\phi}(z_\\phi^{(k)})`, removing
+        :math:`\\nabla_\\phi \\log q_\\phi(z)|_{z}`, whose expectation is zero. Unbiased,
+        and exactly zero at the optimum when :math:`q` is the posterior (the pathwise term
+        :math:`\\nabla_z(\\log p - \\log q)` vanishes there). The score term is found by
+        replaying guide and model against the draws held constant (one more run of each
+        per step; see :class:`~pyro_wakesleep.objectives.VimcoELBO`). With no pathwise
+        site (e.g. ``force_score_function=True``) it has no effect and warns
+        (:class:`UserWarning`).
     :param options: the keywords of :class:`pyro.infer.ELBO` (``max_plate_nesting``,
         ``vectorize_particles``, ``strict_enumeration_warning``, ``retain_graph``, ...),
         with the meaning :class:`~pyro_wakesleep.objectives.Objective` gives them.
@@ -70,11 +83,14 @@ class ScoreFunctionELBO(Objective):
         control_variate: ControlVariateSpec = None,
         *,
         force_score_function: bool = False,
+        stick_the_landing: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(num_particles, **options)
         check_spec(control_variate, self.num_particles)
         self.force_score_function = bool(force_score_function)
+        #: whether the pathwise sites' score term is dropped (Roeder et al., 2017)
+        self.stick_the_landing: bool = check_bool(stick_the_landing, "stick_the_landing")
         self._per_site = dict(control_variate) if isinstance(control_variate, Mapping) else {}
         self._template = control_variate if isinstance(control_variate, ControlVariate) else None
         for site, cv in self._per_site.items():
@@ -136,6 +152,9 @@ class ScoreFunctionELBO(Objective):
         nodes = {name: particles.sites[name].node for name in particles.guide_latents}
         if not self._checked:
             self._check_sites(nodes)
+            if self.stick_the_landing:
+                warn_if_no_pathwise_site(particles, type(self).__name__, "stick_the_landing",
+                                         scored=self.force_score_function)
         score_sites = [name for name, node in nodes.items() if self._is_score_site(node)]
         signals = learning_signals(particles, score_sites)
         for name, signal in signals.items():
@@ -143,7 +162,13 @@ class ScoreFunctionELBO(Objective):
         check_finite_sites(particles)
         log_p = log_joint(particles)
         elbo = log_p - log_guide(particles)
-        surrogate = log_p - log_guide(particles, lambda site: site.name not in signals)
+        pathwise_q = log_guide(particles, lambda site: site.name not in signals)
+        if self.stick_the_landing and not self.force_score_function:
+            stopped = replay_stopped(particles, model, guide, args, kwargs)
+            pathwise_q = path_only(
+                pathwise_q, log_guide(stopped, lambda site: site.name not in signals)
+            )
+        surrogate = log_p - pathwise_q
         extra: Tensor | float = 0.0
         for name, signal in signals.items():
             site = particles.sites[name]

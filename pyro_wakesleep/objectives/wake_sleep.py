@@ -11,7 +11,6 @@ depends on one group only, so a single ``backward`` gives each group its own gra
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pyro_wakesleep._replay import Replay, replay_log_weights, warn_if_no_pathwise_site
 from pyro_wakesleep._validation import check_bool, check_int, check_real
 from pyro_wakesleep.objectives._dreams import (
     DreamArgs,
@@ -28,7 +28,7 @@ from pyro_wakesleep.objectives._dreams import (
 )
 from pyro_wakesleep.objectives.base import Objective
 from pyro_wakesleep.particles import Particles, log_guide, log_joint, log_weights
-from pyro_wakesleep.signals import iwae_bound, self_normalized_weights
+from pyro_wakesleep.signals import dreg_wake_phi_surrogate, iwae_bound, self_normalized_weights
 
 __all__ = ["ReweightedWakeSleepELBO", "WakeSleepELBO"]
 
@@ -194,6 +194,30 @@ class ReweightedWakeSleepELBO(_WakeSleep):
     (:math:`-c\\sum_i\\sum_k \\tilde w_{ik} \\log q_\\phi(z_{ik}\\mid x_i)`) and, when
     :math:`\\alpha < 1`, ``"sleep_phi"``.
 
+    *Doubly reparameterized wake-phi* (``dreg=True``; Tucker, Lawson, Gu & Maddison,
+    2019, section 5): at the guide's reparameterizable sites the wake-:math:`\\phi`
+    gradient's score term is replaced by its reparameterized form,
+
+    .. math::
+
+        \\nabla_\\phi: \\; -\\alpha\\, c \\sum_i \\Big[\\sum_k
+            \\big(\\tilde w_{ik} - \\tilde w_{ik}^2\\big)
+            \\frac{\\partial \\log w_{ik}}{\\partial z_{ik}}
+            \\frac{\\partial z_{ik}}{\\partial \\phi}
+            + \\sum_k \\tilde w_{ik}\\, \\nabla_\\phi \\log q_\\phi(z^{\\rm sf}_{ik} \\mid x_i)
+            \\Big],
+
+    the derivative :math:`\\partial \\log w/\\partial z \\cdot \\partial z/\\partial\\phi`
+    going through the reparameterized draws only (with :math:`q`'s parameters held
+    constant), and :math:`z^{\\rm sf}` the non-reparameterizable sites, whose
+    log-density keeps the path through reparameterized draws its parameters depend on.
+    It has the wake-:math:`\\phi` gradient's expectation and a lower variance. The guide's
+    draws are then pathwise, and the model and guide are replayed against them held
+    constant for the other terms (one more run of each per step; see
+    :class:`~pyro_wakesleep.objectives.VimcoELBO`); wake-:math:`\\theta`, sleep-:math:`\\phi`,
+    ``loss`` and :attr:`last_phase_losses` are unchanged. A guide with no
+    reparameterizable site gets the standard estimator (with a :class:`UserWarning`).
+
     The positional parameters are those of :class:`pyro.infer.ReweightedWakeSleep`, in
     its order, so that changing the class name is the whole swap.
 
@@ -209,6 +233,8 @@ class ReweightedWakeSleepELBO(_WakeSleep):
         :class:`~pyro_wakesleep.objectives.Objective`.
     :param callable dream_args: how to feed dreams to the guide; see
         :class:`WakeSleepELBO`.
+    :param bool dreg: the doubly reparameterized wake-:math:`\\phi` estimator at the
+        reparameterizable guide sites (default ``False``).
     :param options: the other keywords of :class:`pyro.infer.ELBO` (``retain_graph``,
         ...), with the meaning :class:`~pyro_wakesleep.objectives.Objective` gives them.
 
@@ -228,8 +254,12 @@ class ReweightedWakeSleepELBO(_WakeSleep):
         strict_enumeration_warning: bool = True,
         *,
         dream_args: DreamArgs | None = None,
+        dreg: bool = False,
         **options: Any,
     ) -> None:
+        #: whether wake-phi uses the doubly reparameterized estimator
+        self.dreg: bool = check_bool(dreg, "dreg")
+        self._dreg_checked = False
         super().__init__(
             num_particles, num_sleep_particles, dream_args,
             vectorize_particles=vectorize_particles, max_plate_nesting=max_plate_nesting,
@@ -249,16 +279,30 @@ class ReweightedWakeSleepELBO(_WakeSleep):
     def loss_and_surrogate(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
     ) -> tuple[Tensor, Tensor]:
-        particles = self._wake(model, guide, args, kwargs)
+        replay: Replay | None = None
+        if self.dreg and self.insomnia > 0:
+            pathwise = self.particles(model, guide, args, kwargs)
+            check_param_owners(*pathwise.traces[0])
+            if not self._dreg_checked:
+                self._dreg_checked = True
+                warn_if_no_pathwise_site(pathwise, type(self).__name__, "dreg")
+            replay = replay_log_weights(pathwise, model, guide, args, kwargs)
+            # the draws held constant: the same tensors the detached wake run gives
+            particles = replay.stopped
+        else:
+            particles = self._wake(model, guide, args, kwargs)
         with torch.no_grad():  # the weights enter the surrogate only as constants
             weights = log_weights(particles)
         log_w = weights.value
         normalized = self_normalized_weights(log_w, dim=0)
         bound = iwae_bound(log_w, dim=0).sum() * weights.scale
-        # sum_i sum_k w_ik * (scaled) log-density of each site, by broadcasting
-        theta = -_weighted(normalized, [s.log_p for s in particles.sites.values()])
-        phi = -_weighted(normalized, [s.log_q for s in particles.sites.values()])
+        # sum_i sum_k w_ik * (scaled) log-density of each site
+        theta = -log_joint(particles, weights=normalized)
+        phi = -log_guide(particles, weights=normalized)
         self._phase_losses = {"wake_theta": -bound, "wake_phi": phi.detach()}
+        if replay is not None:
+            dreg = dreg_wake_phi_surrogate(log_w, replay.path, replay.score_q, dim=0)
+            phi = phi.detach() - replay.weights.scale * dreg.sum()
         surrogate = theta
         if self.insomnia > 0:
             surrogate = surrogate + self.insomnia * phi
@@ -268,9 +312,3 @@ class ReweightedWakeSleepELBO(_WakeSleep):
             surrogate = surrogate + (1.0 - self.insomnia) * sleep_phi
         return -bound, surrogate
 
-
-def _weighted(weights: Tensor, log_densities: list[Tensor | None]) -> Tensor:
-    """:math:`\\sum_{k,i} \\tilde w_{ki} \\log f_{ki}` over the given canonical
-    log-densities (``None`` skipped)."""
-    terms = [(weights * value).sum() for value in log_densities if value is not None]
-    return functools.reduce(torch.add, terms, weights.new_zeros(()))
