@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -21,16 +21,14 @@ from pyro.infer.elbo import ELBOModule
 from pyro.util import get_rng_state, set_rng_state
 from torch.nn.parallel import DistributedDataParallel
 
+from pyro_wakesleep._fit_routes import Data, Route, validate
 from pyro_wakesleep._validation import check_int, check_real
 from pyro_wakesleep.checkpoints import (
     FORMAT,
     check_checkpoint_path,
     check_optimizer_settings,
     load_checkpoint,
-    optimizer_settings,
-    restore_training_state,
     save_checkpoint,
-    training_state,
 )
 from pyro_wakesleep.diagnostics.history import History
 from pyro_wakesleep.distributed import _agree, _any, _gather, _mean, _own_streams, _rank_and_world
@@ -51,122 +49,6 @@ class StepInfo(NamedTuple):
     loss: float
     history: History
     epoch: int
-
-
-def _split(batch: Any) -> tuple[tuple, dict]:
-    if isinstance(batch, Mapping):
-        return (), dict(batch)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    return (batch,), {}
-
-
-class _Route:
-    """Adapts SVI or an ELBOModule (optionally in DistributedDataParallel) + torch
-    optimizer to one interface. ``self.module`` is what is saved: the ELBOModule itself,
-    never the DDP wrapper, so that checkpoints do not depend on the number of ranks."""
-
-    def __init__(self, trainer: Any, optimizer: torch.optim.Optimizer | None) -> None:
-        module = trainer.module if isinstance(trainer, DistributedDataParallel) else trainer
-        if isinstance(trainer, SVI):  # SVI keeps the ELBO's bound methods
-            self.model, self.guide = trainer.model, trainer.guide
-            self.loss = getattr(trainer.loss_and_grads, "__self__", None)
-            if optimizer is not None:
-                raise ValueError("optimizer is for fit(module, ...): SVI has its own")
-        elif isinstance(module, ELBOModule):
-            if optimizer is None:
-                raise ValueError("fit(module, ...) needs optimizer=torch.optim.<...>")
-            self.model, self.guide, self.loss = module.model, module.guide, module.elbo
-        else:
-            raise TypeError(f"fit takes a pyro.infer.SVI or the module of objective(model, "
-                            f"guide) (an ELBOModule, or DistributedDataParallel of one), "
-                            f"got {trainer!r}")
-        _, world = _rank_and_world()
-        if world > 1 and not isinstance(trainer, DistributedDataParallel):
-            raise ValueError(
-                f"fit: torch.distributed is initialized with {world} ranks, but the trainer "
-                f"is a {type(trainer).__name__}, which does not average gradients over "
-                "ranks; pass DistributedDataParallel(objective(model, guide)) with "
-                "optimizer=..., so that every rank holds the same state (rank 0 alone "
-                "writes the checkpoint)")
-        self.trainer, self.module, self.optimizer = trainer, module, optimizer
-
-    def step(self, args: tuple, kwargs: dict) -> float:
-        if isinstance(self.trainer, SVI):
-            return float(self.trainer.step(*args, **kwargs))
-        assert self.optimizer is not None  # the DDP wrapper, if any, averages gradients
-        loss = self.trainer(*args, **kwargs)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
-
-    def evaluate(self, args: tuple, kwargs: dict) -> float:
-        with torch.no_grad():
-            if self.loss is None:
-                return float(self.trainer.evaluate_loss(*args, **kwargs))
-            return float(self.loss.loss(self.model, self.guide, *args, **kwargs))
-
-    def state(self) -> dict[str, Any]:
-        return training_state(self.module, self.optimizer, self.loss)
-
-    def settings(self, names: Any = None) -> dict[str, Any]:
-        return optimizer_settings(self.module, self.optimizer, names)
-
-    def load(self, state: Mapping[str, Any], args: tuple, kwargs: dict) -> None:
-        restore_training_state(state, self.module, self.optimizer, self.loss,
-                               lambda: self.evaluate(args, kwargs))
-
-
-class _Data:
-    """The data as a resumable stream of ``(args, kwargs)``."""
-
-    def __init__(self, data: Any) -> None:
-        self.fixed = _split(data) if isinstance(data, (tuple, Mapping)) else None
-        if self.fixed is None and not isinstance(data, Iterable):
-            raise TypeError(f"data must be a tuple of arguments, a dict of keyword "
-                            f"arguments or an iterable of batches, got {data!r}")
-        self.data = data
-        self.iterator: Iterator[Any] | None = None
-        self.epoch, self.batch, self.epoch_rng = 0, 0, get_rng_state()
-
-    def first(self) -> tuple[tuple, dict]:
-        return self.fixed or _split(next(iter(self.data)))
-
-    def _iter(self) -> Iterator[Any]:
-        set_epoch = getattr(getattr(self.data, "sampler", None), "set_epoch", None)
-        if callable(set_epoch):  # a DistributedSampler: a new shuffle every epoch
-            set_epoch(self.epoch)
-        return iter(self.data)
-
-    def next(self) -> tuple[tuple, dict]:
-        if self.fixed is not None:
-            return self.fixed
-        if self.iterator is None:
-            self.iterator = self._iter()
-        try:
-            batch = next(self.iterator)
-        except StopIteration:
-            self.epoch, self.batch, self.epoch_rng = self.epoch + 1, 0, get_rng_state()
-            self.iterator = iterator = self._iter()
-            batch = next(iterator, None)
-            if batch is None:
-                raise ValueError("fit: the data yielded no batch") from None
-        self.batch += 1
-        return _split(batch)
-
-    def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch": self.batch, "epoch_rng": self.epoch_rng}
-
-    def load(self, state: Mapping[str, Any]) -> None:
-        self.epoch, self.epoch_rng = state["epoch"], state["epoch_rng"]
-        self.batch, self.iterator = 0, None
-        if self.fixed is None:
-            set_rng_state(self.epoch_rng)
-            self.iterator = iterator = self._iter()
-            for _ in range(state["batch"]):
-                next(iterator)
-        self.batch = state["batch"]
 
 
 class _DeferInterrupt:
@@ -263,8 +145,8 @@ def fit(
     :rtype: History
     """
     callbacks = _check_arguments(locals())  # first: only the arguments are local
-    route, stream, history = _Route(trainer, optimizer), _Data(data), History()
     rank, world = _rank_and_world()
+    route, stream, history = Route(trainer, optimizer, world), Data(data), History()
     early: dict[str, Any] = {"best": math.inf, "best_step": None, "bad": 0, "best_state": None}
     step = 0
     # the module route's settings as built, before a callback or scheduler changes them
@@ -312,7 +194,7 @@ def fit(
                                        num_draws=gradient_stats_draws, **kwargs)
                 history.add_gradients(step, stats.rows("group"))
             if validation is not None and step % validate_every == 0:
-                value = _mean(_validate(route, validation))
+                value = _mean(validate(route, validation))
                 history.add_validation(step, value)
                 if value < early["best"] - min_delta:
                     early.update(best=value, best_step=step, bad=0)
@@ -373,14 +255,3 @@ def _check_arguments(a: Mapping[str, Any]) -> list[Callable[[StepInfo], bool | N
         if not callable(callback):
             raise TypeError(f"callbacks[{i}] must be callable, got {callback!r}")
     return callbacks
-
-
-def _validate(route: _Route, validation: Any) -> float:
-    if callable(validation):
-        return float(validation())
-    if isinstance(validation, (tuple, Mapping)):
-        return route.evaluate(*_split(validation))
-    values = [route.evaluate(*_split(batch)) for batch in validation]
-    if not values:
-        raise ValueError("fit: the validation data yielded no batch")
-    return sum(values) / len(values)

@@ -104,7 +104,7 @@ def test_compare_data_parallel_on_two_processes(tmp_path, capsys):
 
 
 def test_compare_data_parallel_rejects_bad_input(tmp_path, capsys):
-    from pyro_wakesleep.examples.compare import compare_data_parallel, data_parallel_objectives
+    from pyro_wakesleep.examples.parallel import compare_data_parallel, data_parallel_objectives
 
     assert "pyro-tracegraph" not in data_parallel_objectives()
     assert set(data_parallel_objectives()) == set(OBJECTIVES) - {"pyro-tracegraph"}

@@ -6,8 +6,10 @@ error* (``ValueError``/``TypeError`` naming the site or the reason).
 
 What "exact" means per objective:
 
-- score-function (``sf*``) and antithetic (``disarm``, ``arm``) objectives: loss and
-  gradient of every parameter are those of the negative ELBO;
+- score-function (``sf*``), antithetic (``disarm``, ``arm``) and relaxation control
+  variate (``rebar``, ``relax``, ``relax_nosignal``: RELAX without the relaxed signal
+  term, the one that takes Categorical index sites) objectives: loss and gradient of
+  every parameter are those of the negative ELBO;
 - ``vimco``: loss and every gradient are those of the negative K-sample IWAE bound;
 - ``ws`` (wake-sleep): loss is the negative ELBO and the model-parameter (theta)
   gradient is that of the negative ELBO (E_q[-grad log p]); its guide gradient is the
@@ -47,6 +49,8 @@ from pyro_wakesleep import (
     LeaveOneOutBaseline,
     MovingAverageBaseline,
     NeuralBaseline,
+    RebarELBO,
+    RelaxELBO,
     ReweightedWakeSleepELBO,
     ScoreFunctionELBO,
     VimcoELBO,
@@ -74,6 +78,19 @@ def _no_input(*args: Any, **kwargs: Any) -> torch.Tensor:
     return torch.zeros(())
 
 
+class _Surrogate(nn.Module):
+    """A RELAX surrogate that is far from zero (RelaxELBO's default starts at zero, which
+    without the relaxed signal would make the control variate vanish and the cell plain
+    REINFORCE): ``r(v) = w * sum_k (k + 1) cos(2 v_k)`` of the relaxed sample ``v``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.w * (torch.arange(1, v.shape[-1] + 1).to(v) * torch.cos(2.0 * v)).sum(-1)
+
+
 #: name -> (factory of (K, keyword options), what its loss and gradients estimate). For
 #: objectives that estimate the ELBO (and wake-sleep) K is free: the matrix uses many
 #: particles per draw, which costs little when they are vectorized; VIMCO's and RWS's
@@ -92,6 +109,10 @@ OBJECTIVES: dict[str, tuple[Callable[..., Any], str]] = {
     "ws": (lambda k, **kw: WakeSleepELBO(k, **kw), "ws"),
     "rws": (lambda k, **kw: ReweightedWakeSleepELBO(3, **kw), "rws"),
     "rws_sleep": (lambda k, **kw: ReweightedWakeSleepELBO(3, insomnia=0.5, **kw), "rws"),
+    "rebar": (lambda k, **kw: RebarELBO(k, **kw), "elbo"),
+    "relax": (lambda k, **kw: RelaxELBO(k, **kw), "elbo"),
+    "relax_nosignal": (lambda k, **kw: RelaxELBO(
+        k, relaxed_signal=False, surrogate=_Surrogate(), **kw), "elbo"),
 }
 IWAE_K = 3
 
@@ -369,7 +390,16 @@ def gmm_guide(x):
         pyro.sample("z", dist.Categorical(logits=logits))
 
 
-PROGRAMS.append(Program("gmm", lambda: (gmm_model, gmm_guide, (GMM_X,), {}), local_dim=-1))
+def _relaxed_index(site: str) -> dict:
+    """REBAR and RELAX with its relaxed signal cannot relax a Categorical *index* site
+    (only RelaxELBO(relaxed_signal=False), "relax_nosignal", handles one): a clear error
+    naming the site."""
+    error = (ValueError, f"the model cannot evaluate a relaxed value at site '{site}'")
+    return {"rebar": error, "relax": error}
+
+
+PROGRAMS.append(Program("gmm", lambda: (gmm_model, gmm_guide, (GMM_X,), {}), local_dim=-1,
+                        errors=_relaxed_index("z")))
 
 
 # 3. A pyro.markov HMM, 3 steps, binary states.
@@ -400,7 +430,8 @@ def hmm_guide(x):
 # without dream_args (a clear error naming the sites).
 HMM_DREAMS = (ValueError, "'x_0', 'x_1', 'x_2'")
 PROGRAMS.append(Program("hmm_markov", lambda: (hmm_model, hmm_guide, (HMM_X,), {}),
-                        errors={"ws": HMM_DREAMS, "rws_sleep": HMM_DREAMS}))
+                        errors={"ws": HMM_DREAMS, "rws_sleep": HMM_DREAMS,
+                                **_relaxed_index("z_0")}))
 
 
 # 4. Issue 10's geometric stochastic control flow: a = 0.3, b = -0.2, x = 3, cap 8.
@@ -659,6 +690,8 @@ PROGRAMS.append(Program("pyro_module", lambda: (ModModel(), ModGuide(), (MASK_X,
 
 # 11. Poisson, Categorical and OneHotCategorical latents.
 POISSON = (ValueError, "'z'")
+# REBAR and RELAX take Bernoulli and categorical discrete sites only
+RELAXED_POISSON = (ValueError, "guide site 'z' has distribution Poisson")
 
 
 def poisson_model(x):
@@ -704,9 +737,10 @@ TWO_X = torch.tensor([0.3, 1.8])
 PROGRAMS.append(Program("poisson", lambda: (poisson_model, poisson_guide,
                                             (torch.tensor(1.3),), {}),
                         supports={"z": torch.arange(40.0)},
-                        errors={"disarm": POISSON, "arm": POISSON}))
+                        errors={"disarm": POISSON, "arm": POISSON, "rebar": RELAXED_POISSON,
+                                "relax": RELAXED_POISSON, "relax_nosignal": RELAXED_POISSON}))
 PROGRAMS.append(Program("categorical", lambda: (cat_model, cat_guide, (TWO_X,), {}),
-                        local_dim=-1))
+                        local_dim=-1, errors=_relaxed_index("z")))
 PROGRAMS.append(Program("one_hot_categorical",
                         lambda: (onehot_model, onehot_guide, (TWO_X,), {}), local_dim=-1))
 
@@ -861,8 +895,9 @@ def _check(name, mean, se, exact, exact_se):
     assert torch.all((mean - exact).abs() <= tol), (name, mean, exact, se, exact_se)
 
 
-#: The fast tier runs every objective class (CORE) on every program, every expected error,
-#: and the control variates and estimator variants where the issue names them; the slow
+#: The fast tier runs every objective class of issue 10 (CORE) on every program, every
+#: expected error, the control variates and estimator variants where the issue names them,
+#: and REBAR/RELAX on a Bernoulli, a one-hot and a Categorical index program; the slow
 #: tier (PYRO_WAKESLEEP_SLOW=1) runs the rest, and every cell again with 10x the draws.
 CORE = ("sf", "vimco", "disarm", "ws", "rws")
 FAST_EXTRAS = {
@@ -870,6 +905,7 @@ FAST_EXTRAS = {
     ("geometric_sequential", "sf_loo"), ("geometric_sequential", "sf_ma"),
     ("geometric_sequential", "sf_nvil"), ("geometric_vectorized", "sf_loo"),
     ("gmm", "arm"), ("gmm", "rws_sleep"), ("AutoDelta", "sf_force"),
+    ("masks", "rebar"), ("one_hot_categorical", "relax"), ("categorical", "relax_nosignal"),
 }
 
 

@@ -8,6 +8,7 @@ importing one example never imports the others):
 * :mod:`pyro_wakesleep.examples.mixture` — the Gaussian mixture of Le et al. (2019);
 * :mod:`pyro_wakesleep.examples.datasets` — binarized digits (scikit-learn) and MNIST;
 * :mod:`pyro_wakesleep.examples.compare` — the side-by-side comparison of objectives;
+* :mod:`pyro_wakesleep.examples.parallel` — the same comparison data-parallel;
 * :mod:`pyro_wakesleep.examples.cli` — the ``pyro-wakesleep`` command line.
 
 Only :func:`~pyro_wakesleep.examples.datasets.load_digits` (scikit-learn) and

@@ -10,6 +10,7 @@ import torch
 
 from pyro_wakesleep.examples import compare as experiment
 from pyro_wakesleep.examples.datasets import load_binarized_mnist, load_digits
+from pyro_wakesleep.examples.parallel import compare_data_parallel, data_parallel_objectives
 
 __all__ = ["main"]
 
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.particles < 2:
         objectives = [o for o in objectives if o != "sf-loo"]
     if args.devices > 1 and not args.objectives:
-        left_out = [o for o in objectives if o not in experiment.data_parallel_objectives()]
+        left_out = [o for o in objectives if o not in data_parallel_objectives()]
         objectives = [o for o in objectives if o not in left_out]
         if left_out:
             print(f"left out (no differentiable_loss, cannot run data-parallel): "
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.devices == 1:
             results = experiment.compare(train, test, objectives, **options)
         else:
-            results = experiment.compare_data_parallel(
+            results = compare_data_parallel(
                 train, test, objectives, devices=args.devices, **options)
     except ValueError as error:
         print(f"pyro-wakesleep compare: error: {error}", file=sys.stderr)

@@ -3,41 +3,28 @@ and scale learned online to minimise the estimator's variance."""
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import pyro
-import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Categorical, Independent, OneHotCategorical
 
 from pyro_wakesleep._validation import check_bool, check_finite, check_real
 from pyro_wakesleep.control_variates import ControlVariate
-from pyro_wakesleep.downstream import downstream_sites, learning_signals
+from pyro_wakesleep.downstream import learning_signals
+from pyro_wakesleep.objectives._relaxed import (
+    relax,
+    relaxed_runner,
+    relaxed_signal,
+    upstream_values,
+)
 from pyro_wakesleep.objectives.base import Objective
-from pyro_wakesleep.particles import (
-    Particles,
-    check_finite_sites,
-    log_guide,
-    log_joint,
-    run_particles,
-)
-from pyro_wakesleep.relaxation import (
-    conditional_gumbel,
-    conditional_logistic,
-    relaxed_bernoulli,
-    relaxed_one_hot,
-    through_noise,
-)
-from pyro_wakesleep.signals import reduce_to_dims
-from pyro_wakesleep.traces import plate_frames
+from pyro_wakesleep.particles import Particles, check_finite_sites, log_guide, log_joint
+from pyro_wakesleep.relaxation import conditional_gumbel, conditional_logistic, through_noise
 
 __all__ = ["RebarELBO"]
 
@@ -78,12 +65,6 @@ class _View(NamedTuple):
     perturbed: Tensor  # z~ (detached value): a draw of z given b
 
 
-def _base(fn: Any) -> Any:
-    while isinstance(fn, Independent):
-        fn = fn.base_dist
-    return fn
-
-
 def _view(owner: str, name: str, node: Mapping[str, Any]) -> _View | None:
     """The site's view, ``None`` for a reparameterizable site; raises for others."""
     fn, event = node["fn"], 0
@@ -108,99 +89,6 @@ def _view(owner: str, name: str, node: Mapping[str, Any]) -> _View | None:
         f"({type(fn).__name__}), which is neither reparameterizable nor Bernoulli or "
         "categorical; use ScoreFunctionELBO or VimcoELBO for it"
     )
-
-
-def _relax(kind: str, z: Tensor, temperature: Tensor) -> Tensor:
-    return relaxed_bernoulli(z, temperature) if kind == "bernoulli" else relaxed_one_hot(
-        z, temperature)
-
-
-class _LinearOneHot(dist.OneHotCategorical):
-    """``OneHotCategorical`` whose log-density is linear in the value,
-    :math:`\\sum_k v_k \\log\\theta_k` (torch's takes the argmax: not smooth)."""
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        return (value * self.logits).sum(-1)
-
-
-def _smooth(fn: Any) -> Any:
-    """``fn`` with a one-hot categorical inside replaced by :class:`_LinearOneHot`."""
-    if isinstance(fn, Independent):
-        return Independent(_smooth(fn.base_dist), fn.reinterpreted_batch_ndims)
-    if isinstance(fn, OneHotCategorical):
-        return _LinearOneHot(logits=fn.logits, validate_args=False)
-    return fn
-
-
-class _Smooth(Messenger):
-    """The model with smooth log-densities at the relaxed sites."""
-
-    def __init__(self, names: set[str]) -> None:
-        super().__init__()
-        self.names = names
-
-    def _pyro_sample(self, msg: dict[str, Any]) -> None:
-        if msg["name"] in self.names:
-            msg["fn"] = _smooth(msg["fn"])
-
-
-class _RelaxedGuide(Messenger):
-    """The guide with the sites before ``site`` replayed, ``value`` at ``site`` and every
-    later discrete site relaxed with its fixed noise :math:`z - \\ell` from the main run
-    (independent of the noise at ``site``), so the run is a smooth function of ``value``."""
-
-    def __init__(self, owner: str, upstream: dict[str, Any], site: str, value: Tensor,
-                 later: dict[str, tuple[str, Tensor, Tensor]]) -> None:
-        super().__init__()
-        self.owner, self.upstream, self.site, self.value = owner, upstream, site, value
-        self.later = later
-
-    def _pyro_sample(self, msg: dict[str, Any]) -> None:
-        name = msg["name"]
-        if msg["is_observed"] or (isinstance(msg["fn"], _Subsample)
-                                  and name not in self.upstream):
-            return
-        if name in self.upstream:
-            msg["value"] = self.upstream[name]
-        elif name == self.site:
-            msg["value"], msg["fn"] = self.value, _smooth(msg["fn"])
-        elif name in self.later:
-            kind, noise, temperature = self.later[name]
-            msg["value"] = _relax(kind, _base(msg["fn"]).logits + noise, temperature)
-            msg["fn"] = _smooth(msg["fn"])
-        elif msg["fn"].has_rsample:
-            return
-        else:
-            raise ValueError(
-                f"{self.owner}: guide site '{name}' ({type(_base(msg['fn'])).__name__}), "
-                f"downstream of the relaxed site '{self.site}', can be neither relaxed nor "
-                "reparameterized"
-            )
-        msg["done"] = True
-
-
-def _relaxed_signal(run: Particles, site: str) -> tuple[Tensor, Tensor]:
-    """Differentiable :math:`f` of a relaxed run: the downstream cost terms of ``site``
-    per element of its plates (as :func:`~pyro_wakesleep.downstream.learning_signals`),
-    and their total (each term counted once)."""
-    model_trace, guide_trace = run.traces[0]
-    down, extra = downstream_sites(model_trace, guide_trace, site)
-    frames = plate_frames(guide_trace.nodes[site])
-    parts, totals = [], []
-    for name, with_guide in [(n, True) for n in down] + [(n, False) for n in extra]:
-        if name in model_trace.nodes:
-            node = model_trace.nodes[name]
-            value = node["log_prob"]
-            if with_guide:
-                value = value - guide_trace.nodes[name]["log_prob"]
-        else:
-            node = guide_trace.nodes[name]
-            value = -node["log_prob"]
-        value = run.canonical(value, name)
-        keep = {dim for _, dim in frames & plate_frames(node)} | {run.particle_dim}
-        parts.append(reduce_to_dims(value, keep))
-        totals.append(value.sum())
-    return functools.reduce(torch.add, parts), functools.reduce(torch.add, totals)
 
 
 class RebarELBO(Objective):
@@ -371,10 +259,10 @@ class RebarELBO(Objective):
                  replay: Callable[[Tensor], Particles] | None) -> tuple[Tensor, Tensor]:
         """:math:`c_i(z)` per element of the site's plates and its total :math:`C(z)`."""
         view, state = step.views[site], step.states[site]
-        relaxed = _relax(view.kind, z, state.log_temperature.exp())
+        relaxed = relax(view.kind, z, state.log_temperature.exp())
         c = total = torch.zeros(())
         if replay is not None:
-            f, f_total = _relaxed_signal(replay(relaxed), site)
+            f, f_total = relaxed_signal(replay(relaxed), site)
             c, total = state.scale * f, state.scale * f_total
         if state.surrogate is not None:
             batch = relaxed.shape[:relaxed.dim() - view.trailing]
@@ -392,44 +280,11 @@ class RebarELBO(Objective):
     def _replay(self, step: _Step, site: str) -> Callable[[Tensor], Particles]:
         """A function running guide and model with a relaxed value at ``site``, the sites
         before it replayed from the main run and later discrete sites relaxed."""
-        owner, main, kind = type(self).__name__, step.main, step.views[site].kind
-        model_trace, guide_trace = main.traces[0]
-        model_fn = _base(model_trace.nodes[site]["fn"]) if site in model_trace.nodes else None
-        if not isinstance(model_fn, (Bernoulli, OneHotCategorical)) or kind == "categorical":
-            raise ValueError(
-                f"{owner}: the model cannot evaluate a relaxed value at site '{site}' "
-                f"(guide: {kind}, model: {type(model_fn).__name__}); relaxed values need "
-                "Bernoulli or OneHotCategorical at the site in both, or use "
-                "RelaxELBO(relaxed_signal=False)"
-            )
-        names = list(guide_trace.nodes)
-        upstream = {name: node["value"] for name, node in guide_trace.nodes.items()
-                    if names.index(name) < names.index(site) and node["type"] == "sample"
-                    and not node["is_observed"]}
+        owner = type(self).__name__
+        upstream = upstream_values(owner, step.main, site, step.views[site].kind)
         later = {name: (v.kind, (v.perturbed - v.logits).detach(),
                         step.states[name].log_temperature.exp())
                  for name, v in step.views.items()
                  if name != site and name not in upstream and v.kind != "categorical"}
-        smooth_model = _Smooth({site, *later})(step.model)
-
-        def run(relaxed: Tensor) -> Particles:
-            guide = _RelaxedGuide(owner, upstream, site, relaxed, later)(step.guide)
-            try:
-                with pyro.validation_enabled(False):
-                    out = run_particles(
-                        smooth_model, guide, step.args, step.kwargs,
-                        num_particles=main.num_particles, vectorize=main.vectorized,
-                        max_plate_nesting=main.max_plate_nesting, pyro_checks=False)
-                check_finite_sites(out)
-            except (RuntimeError, TypeError, IndexError, ValueError) as error:
-                if str(error).startswith(owner):
-                    raise
-                raise ValueError(
-                    f"{owner}: the model and guide could not be evaluated at the relaxed "
-                    f"value of site '{site}' ({type(error).__name__}: {error}); the code "
-                    "using the site's value must accept floats in (0, 1) (Bernoulli) or on "
-                    "the simplex (OneHotCategorical)"
-                ) from error
-            return out
-
-        return run
+        return relaxed_runner(owner, (step.model, step.guide, step.args, step.kwargs),
+                              step.main, site, upstream, later)
