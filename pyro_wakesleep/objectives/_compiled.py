@@ -210,6 +210,15 @@ class CompiledStep:
             return eager()
         return self._replay(graph, tensors, eager)
 
+    def replays(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> bool:
+        """Whether a training call with these arguments would replay a recorded graph
+        (the module route then skips its parameter bookkeeping: a graph's parameters
+        were checked when it was recorded and cannot change)."""
+        signature = _signature(args, kwargs)
+        return (signature is not None and bool(self.graphs) and _plain_stack()
+                and (_identity(model), _identity(guide), signature[0]) in self.graphs
+                and not self._distributed_state())
+
     def _distributed_state(self) -> bool:
         """Control-variate statistics reduced across ranks (an all-reduce, which a graph
         does not record) keep the step eager."""
@@ -219,7 +228,11 @@ class CompiledStep:
 
     def _replay(self, graph: _Graph, tensors: list[Tensor],
                 eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        params = [_unconstrained(name) for name in graph.params]
+        if runtime._PYRO_STACK:  # SVI's parameter trace must see them
+            params = [_unconstrained(name) for name in graph.params]
+        else:
+            store = pyro.get_param_store()._params
+            params = [store[name] for name in graph.params]
         if [p.shape for p in params] != graph.shapes:
             raise ValueError(
                 f"{type(self.objective).__name__}(jit=True): parameters changed shape since "

@@ -51,6 +51,9 @@ class ObjectiveModule(ELBOModule):
       once) before building the optimizer; if a later call finds that such parameters
       kept their values while the others moved, it raises ``ValueError`` naming them.
 
+    A call that replays a compiled step (``jit=True``) skips these checks: the graph's
+    parameters were checked when it was recorded and cannot change.
+
     :param callable model: the model.
     :param callable guide: the guide.
     :param Objective elbo: the objective.
@@ -79,7 +82,10 @@ class ObjectiveModule(ELBOModule):
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """:meth:`Objective.differentiable_loss` of the model and guide."""
-        if not torch.is_grad_enabled():
+        compiled = self.elbo.compiled
+        if not torch.is_grad_enabled() or (
+                compiled is not None and not self._fresh
+                and compiled.replays(self.model, self.guide, args, kwargs)):
             return self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
         self._check_fresh()
         if self._known is None:  # the parameters before the first call
