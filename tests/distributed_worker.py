@@ -21,6 +21,8 @@ from pyro_wakesleep import (
     LeaveOneOutBaseline,
     MovingAverageBaseline,
     NeuralBaseline,
+    RebarELBO,
+    RelaxELBO,
     ReweightedWakeSleepELBO,
     ScoreFunctionELBO,
     VimcoELBO,
@@ -34,7 +36,7 @@ LR = 0.05
 DATA = torch.tensor([-2.0, -0.5, 0.3, 1.7, 3.5, 5.0, -1.2, 0.9])
 CONFIGS = (
     "sf_moving_average", "sf_neural", "sf_leave_one_out", "vimco", "disarm",
-    "wake_sleep", "rws",
+    "wake_sleep", "rws", "rebar", "relax",
 )
 
 
@@ -64,6 +66,10 @@ def make_objective(name: str):
         return WakeSleepELBO(2)
     if name == "rws":
         return ReweightedWakeSleepELBO(3)
+    if name == "rebar":  # learned temperature and scale: trained like any DDP parameter
+        return RebarELBO(2)
+    if name == "relax":
+        return RelaxELBO(2)
     raise ValueError(name)
 
 
