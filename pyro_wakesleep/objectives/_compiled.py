@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
@@ -243,7 +244,7 @@ class CompiledStep:
         state = [module._buffers[name] for module, name in graph.slots]
         try:
             out = graph.fn(*params, *tensors, *state)
-            failed = not bool(torch.isfinite(out[-1]))
+            failed = not math.isfinite(out[-1].item())
         except Exception:
             torch._C._set_grad_enabled(True)  # a graph may fail inside a no_grad region
             failed = True
