@@ -30,13 +30,13 @@ from pyro_wakesleep import (
 )
 
 WORLD = 2
-STEPS = 2
+STEPS = 3  # the third replays a compiled step (the *_jit configurations)
 LR = 0.05
 #: the global batch: 8 datapoints, 4 per rank
 DATA = torch.tensor([-2.0, -0.5, 0.3, 1.7, 3.5, 5.0, -1.2, 0.9])
 CONFIGS = (
     "sf_moving_average", "sf_neural", "sf_leave_one_out", "vimco", "disarm",
-    "wake_sleep", "rws", "rebar", "relax",
+    "wake_sleep", "rws", "rebar", "relax", "vimco_jit", "rws_jit",
 )
 
 
@@ -66,6 +66,10 @@ def make_objective(name: str):
         return WakeSleepELBO(2)
     if name == "rws":
         return ReweightedWakeSleepELBO(3)
+    if name == "vimco_jit":  # compiled steps under DDP (no control-variate state to reduce)
+        return VimcoELBO(3, jit=True)
+    if name == "rws_jit":
+        return ReweightedWakeSleepELBO(3, jit=True)
     if name == "rebar":  # learned temperature and scale: trained like any DDP parameter
         return RebarELBO(2)
     if name == "relax":
@@ -163,6 +167,8 @@ def worker(rank: int, port: int, out: str) -> None:
                 steps.append((grads(module), cv_state(module)))
                 optimizer.step()
             results[name] = steps
+            if module.elbo.compiled is not None:  # how many steps replayed a graph
+                results[f"{name}:graphs"] = len(module.elbo.compiled.graphs)
         results["subsampled"] = subsampled_grads(rank, ddp=True)
     finally:
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))

@@ -122,6 +122,11 @@ def test_ddp_gradient_is_the_average_of_the_per_rank_computations(ranks, name, m
                 torch.testing.assert_close(got[n], want[n], msg=f"{name}: {n}")
 
 
+def test_compiled_objectives_replay_their_graph_under_ddp(ranks):
+    for name in ("vimco_jit", "rws_jit"):  # exact: the gradient test above covers them
+        assert all(rank[f"{name}:graphs"] == 1 for rank in ranks), name
+
+
 @pytest.mark.parametrize("name", w.CONFIGS)
 def test_control_variate_state_is_global_and_identical_on_every_rank(ranks, name, monkeypatch):
     reference = _reference(name, monkeypatch)
