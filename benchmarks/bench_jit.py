@@ -16,7 +16,6 @@ Run: ``python benchmarks/bench_jit.py --data ../shared/data/binarized_mnist.npz`
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 from collections.abc import Callable
@@ -35,6 +34,8 @@ from common import (
     nvil,
     repo_path,
     rws_wake_loss,
+    timing_parser,
+    timing_setup,
     versions,
     write_table,
 )
@@ -49,7 +50,6 @@ from pyro_wakesleep import (
     VimcoELBO,
     WakeSleepELBO,
 )
-from pyro_wakesleep.examples.datasets import load_binarized_mnist
 from pyro_wakesleep.examples.mixture import GaussianMixture
 from pyro_wakesleep.examples.models import SigmoidBeliefNet
 
@@ -211,23 +211,11 @@ def runners_for(net: nn.Module, cases: list, x0: Tensor, with_pyro: bool,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="../shared/data/binarized_mnist.npz",
-                        help="binarized MNIST .npz (relative paths: from the repository root)")
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = timing_parser(__doc__, "docs/benchmarks/jit.md", rounds=9, steps=20)
     parser.add_argument("--no-inductor", action="store_true",
                         help="skip the jit_options={'compile': True} rows (~20 s each)")
-    parser.add_argument("--out", default="docs/benchmarks/jit.md",
-                        help="Markdown file for the table (relative: from the repository root)")
     args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    pyro.enable_validation(False)
-    pyro.set_rng_seed(args.seed)
-    mnist = load_binarized_mnist(repo_path(args.data), "train")
+    mnist = timing_setup(args)
     n = args.rounds * args.steps + 5
     sbn_batches = [mnist[i] for i in torch.randint(len(mnist), (n, 24))]
     gmm = GaussianMixture()

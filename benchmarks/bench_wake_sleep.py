@@ -13,7 +13,6 @@ Run: ``python benchmarks/bench_wake_sleep.py --data ../shared/data/binarized_mni
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Callable
 from typing import Any
@@ -27,13 +26,14 @@ from common import (
     machine,
     medians,
     repo_path,
+    timing_parser,
+    timing_setup,
     versions,
     write_table,
 )
 from pyro.infer import ReweightedWakeSleep
 from torch import Tensor, nn
 
-from pyro_wakesleep.examples.datasets import load_binarized_mnist
 from pyro_wakesleep.examples.mixture import GaussianMixture
 from pyro_wakesleep.examples.models import SigmoidBeliefNet
 from pyro_wakesleep.objectives.wake_sleep import ReweightedWakeSleepELBO, WakeSleepELBO
@@ -95,22 +95,10 @@ def table(name: str, runners: list[Contender], median: list[float]) -> list[str]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="../shared/data/binarized_mnist.npz",
-                        help="binarized MNIST .npz (relative paths: from the repository root)")
+    parser = timing_parser(__doc__, "docs/benchmarks/wake_sleep.md", rounds=7, steps=20)
     parser.add_argument("--particles", type=int, default=5, help="K of the RWS contenders")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="docs/benchmarks/wake_sleep.md",
-                        help="Markdown file for the table (relative: from the repository root)")
     args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    pyro.enable_validation(False)
-    pyro.set_rng_seed(args.seed)
-    mnist = load_binarized_mnist(repo_path(args.data), "train")
+    mnist = timing_setup(args)
     n_batches = args.rounds * args.steps + 3
     sbn_idx = torch.randint(len(mnist), (n_batches, 24))
     sbn_batches = [mnist[i] for i in sbn_idx]

@@ -8,6 +8,7 @@ first on ``sys.path``).
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -152,6 +153,32 @@ def interleaved_times(
 
 def medians(times: Sequence[Sequence[float]]) -> list[float]:
     return [statistics.median(t) for t in times]
+
+
+# -- command line ---------------------------------------------------------------------------
+def timing_parser(doc: str, out: str, rounds: int, steps: int) -> argparse.ArgumentParser:
+    """The options every step-time benchmark takes (``--data``, ``--rounds``, ``--steps``,
+    ``--threads``, ``--seed``, ``--out``); a script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--data", default="../shared/data/binarized_mnist.npz",
+                        help="binarized MNIST .npz (relative paths: from the repository root)")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per round")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=out,
+                        help="Markdown file for the table (relative: from the repository root)")
+    return parser
+
+
+def timing_setup(args: argparse.Namespace) -> Tensor:
+    """Threads, Pyro's validation off, the seed; returns the MNIST training images."""
+    from pyro_wakesleep.examples.datasets import load_binarized_mnist
+
+    torch.set_num_threads(args.threads)
+    pyro.enable_validation(False)
+    pyro.set_rng_seed(args.seed)
+    return load_binarized_mnist(repo_path(args.data), "train")
 
 
 # -- tables -------------------------------------------------------------------------------

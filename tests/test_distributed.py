@@ -32,22 +32,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def _spawn(entry, out, prefix):
+    """``entry(rank, port, out)`` on WORLD gloo processes; their saved results, or a skip
+    where torch.distributed cannot start here."""
     if not (tdist.is_available() and tdist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available")
-    out = tmp_path_factory.mktemp("ddp")
     try:
-        mp.spawn(w.worker, args=(_free_port(), str(out)), nprocs=w.WORLD, join=True)
+        mp.spawn(entry, args=(_free_port(), str(out)), nprocs=w.WORLD, join=True)
     except Exception as error:
-        if not all((out / f"rank{r}.pt").exists() for r in range(w.WORLD)):
+        if not all((out / f"{prefix}{r}.pt").exists() for r in range(w.WORLD)):
             pytest.skip(f"could not start {w.WORLD} gloo processes: {error!r}")
         raise
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(w.WORLD)]
+    results = [torch.load(out / f"{prefix}{r}.pt", weights_only=False) for r in range(w.WORLD)]
     for r in results:
         if "init_error" in r:
             pytest.skip(f"torch.distributed (gloo) cannot start here: {r['init_error']}")
     return results
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return _spawn(w.worker, tmp_path_factory.mktemp("ddp"), "rank")
 
 
 def _record(monkeypatch):
@@ -179,17 +184,7 @@ def fit_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fit")
     one = w.fit_run(0, 1, w.FIT_CHECKPOINT_AT, str(out / "one.ckpt"), validation=False)
     shutil.copy(out / "one.ckpt", out / "one.ckpt.orig")
-    try:
-        mp.spawn(w.fit_worker, args=(_free_port(), str(out)), nprocs=w.WORLD, join=True)
-    except Exception as error:
-        if not all((out / f"fit{r}.pt").exists() for r in range(w.WORLD)):
-            pytest.skip(f"could not start {w.WORLD} gloo processes: {error!r}")
-        raise
-    results = [torch.load(out / f"fit{r}.pt", weights_only=False) for r in range(w.WORLD)]
-    for r in results:
-        if "init_error" in r:
-            pytest.skip(f"torch.distributed (gloo) cannot start here: {r['init_error']}")
-    return results, one, out
+    return _spawn(w.fit_worker, out, "fit"), one, out
 
 
 def _same_state(a, b, what):
