@@ -7,7 +7,9 @@ normalized Python number.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -56,6 +58,18 @@ def check_real(value: Any, name: str, low: float | None = None, high: float | No
 
 #: while a compiled step is recorded: where :func:`check_finite` puts the sums it checks
 DEFERRED: list[Tensor] | None = None
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[list[Tensor]]:
+    """While a compiled step is recorded: :func:`check_finite` keeps sums (yielded)."""
+    global DEFERRED
+    collected: list[Tensor] = []
+    previous, DEFERRED = DEFERRED, collected
+    try:
+        yield collected
+    finally:
+        DEFERRED = previous
 
 
 def check_finite(value: Tensor, what: str, hint: str = "check the model's log-densities "

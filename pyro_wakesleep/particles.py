@@ -38,6 +38,7 @@ __all__ = [
     "LogWeights",
     "Particles",
     "SiteTensors",
+    "check_all_finite",
     "check_finite_sites",
     "log_guide",
     "log_joint",
@@ -174,7 +175,7 @@ def _particles(pairs: list[TracePair], nesting: int, vectorized: bool, num: int)
 def run_particles(
     model: Callable, guide: Callable, args: tuple, kwargs: dict, *, num_particles: int,
     vectorize: bool, max_plate_nesting: float, detach_guide: bool = False,
-    strict_enumeration_warning: bool = True, pyro_checks: bool = True,
+    strict_enumeration_warning: bool = True, pyro_checks: bool = True, track: bool = False,
 ) -> Particles:
     """``num_particles`` importance traces as :class:`Particles`: one vectorized run
     with the particle plate at ``dim=-(max_plate_nesting + 1)``, or one run per particle
@@ -182,16 +183,18 @@ def run_particles(
     may be infinite only without vectorization; it is then read off the traces.
     With ``detach_guide`` the guide's draws carry no pathwise gradient; see
     :func:`~pyro_wakesleep.traces.importance_trace` for the checks each run gets, and
-    :func:`check_finite_sites` for the one every objective makes of the result."""
+    :func:`check_finite_sites` for the one every objective makes of the result. With
+    ``track`` the traces carry the dependencies that
+    :func:`~pyro_wakesleep.downstream.learning_signals` needs."""
     if vectorize and num_particles > 1:
         nesting = int(max_plate_nesting)
         plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))
         pair = importance_trace(plate(model), plate(guide), args, kwargs, nesting + 1,
-                                detach_guide, strict_enumeration_warning, pyro_checks)
+                                detach_guide, strict_enumeration_warning, pyro_checks, track)
         return _particles([pair], nesting, True, num_particles)
     pairs = [
         importance_trace(model, guide, args, kwargs, max_plate_nesting, detach_guide,
-                         strict_enumeration_warning, pyro_checks)
+                         strict_enumeration_warning, pyro_checks, track)
         for _ in range(num_particles)
     ]
     finite = max_plate_nesting != float("inf")
@@ -203,11 +206,26 @@ def check_finite_sites(particles: Particles) -> None:
     """Raises ``ValueError`` naming the first site (and the number of elements) whose
     model or guide log-density is not finite: an objective calls it before it forms any
     gradient, so that one bad draw never writes NaN into parameters."""
-    for site in particles.sites.values():
-        for what, value in (("model", site.log_p), ("guide", site.log_q)):
-            if value is not None:
-                check_finite(value.detach(), f"{what} log-density at site '{site.name}'",
-                             "check the site's support and the guide's draws")
+    check_all_finite([
+        (value, f"{what} log-density at site '{site.name}'")
+        for site in particles.sites.values()
+        for what, value in (("model", site.log_p), ("guide", site.log_q)) if value is not None
+    ], "check the site's support and the guide's draws")
+
+
+def check_all_finite(items: Sequence[tuple[Tensor, str]],
+                     hint: str = "check the model's log-densities at the guide's draws") -> None:
+    """:func:`~pyro_wakesleep._validation.check_finite` of many ``(value, what)`` pairs
+    at the cost of one check (all values flattened into one tensor); only when that one
+    fails are they checked one by one, so the error names the first bad one."""
+    if not items:
+        return
+    try:
+        check_finite(torch.cat([v.detach().reshape(-1) for v, _ in items]), "values", hint)
+    except ValueError:
+        for value, what in items:
+            check_finite(value.detach(), what, hint)
+        raise
 
 
 def log_joint(particles: Particles, *, weights: Tensor | None = None) -> Tensor:

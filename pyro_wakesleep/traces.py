@@ -10,8 +10,9 @@ keep the negative ``dim`` their :class:`pyro.plate` gave them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import pyro.poutine as poutine
 import torch
@@ -22,6 +23,8 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 from torch import Tensor
 
+from pyro_wakesleep.dataflow import Dataflow, TrackDraws
+
 __all__ = [
     "canonical",
     "check_model_guide",
@@ -31,15 +34,22 @@ __all__ = [
     "is_auxiliary",
     "is_sample",
     "latent_sites",
+    "own_guide_trace",
     "plate_dims",
     "plate_frames",
     "plate_nesting",
+    "replayed_sites",
     "sample_sites",
 ]
 
 PARTICLE_PLATE = "num_particles_vectorized"
+#: trace-node key of a tracked guide draw's bit (:mod:`pyro_wakesleep.dataflow`)
+BIT = "dataflow_bit"
+#: trace-node key of the bitset of draws a tracked site's log-density depends on
+DEPENDS = "dataflow_depends"
 
 TracePair = tuple[Trace, Trace]
+_NOTHING = contextlib.nullcontext()
 
 
 class DetachSamples(Messenger):
@@ -76,11 +86,46 @@ def latent_sites(trace: Trace) -> list[str]:
 
 def guide_factors(model_trace: Trace, guide_trace: Trace) -> list[str]:
     """Names of the observed sample sites of a guide that the model does not have:
-    ``pyro.factor`` statements of the guide, part of its log-density."""
+    ``pyro.factor`` statements of the guide, part of its log-density. The guide's observed
+    sites that the model has too are the model's (:func:`replayed_sites`)."""
     return [
         n for n, s in guide_trace.nodes.items()
         if is_sample(s) and s["is_observed"] and n not in model_trace.nodes
     ]
+
+
+def replayed_sites(model_trace: Trace, guide_trace: Trace) -> list[str]:
+    """Names of the observed sample sites of a guide that the model has too.
+
+    A guide that runs the model inside itself — Pyro's messenger autoguides
+    (:class:`~pyro.infer.autoguide.AutoNormalMessenger`,
+    :class:`~pyro.infer.autoguide.AutoHierarchicalNormalMessenger`,
+    :class:`~pyro.infer.autoguide.AutoRegressiveMessenger`, any
+    :class:`~pyro.poutine.guide.GuideMessenger`) — records the model's observations and
+    ``pyro.factor`` statements in its trace. They are the model's sites, replayed: not
+    guide latents, not guide factors, no part of the guide's density, as in the guide
+    trace of :meth:`GuideMessenger.get_traces <pyro.poutine.guide.GuideMessenger.get_traces>`,
+    which drops them. Unlike Pyro, a ``pyro.factor`` that such a guide adds of its own (a
+    name the model does not have) stays a guide factor (:func:`guide_factors`).
+    """
+    return [
+        n for n, s in guide_trace.nodes.items()
+        if is_sample(s) and s["is_observed"] and n in model_trace.nodes
+    ]
+
+
+def own_guide_trace(model_trace: Trace, guide_trace: Trace) -> Trace:
+    """The guide trace without the sites it replays from the model
+    (:func:`replayed_sites`): the trace Pyro's checks
+    (:func:`pyro.util.check_model_guide_match`, :func:`pyro.util.check_if_enumerated`)
+    expect of a guide. A new :class:`~pyro.poutine.Trace` sharing the (read-only) nodes;
+    ``guide_trace`` is not changed, and is returned itself when it replays nothing."""
+    replayed = set(replayed_sites(model_trace, guide_trace))
+    if not replayed:
+        return guide_trace
+    own = Trace(graph_type=guide_trace.graph_type)
+    own.nodes.update((n, s) for n, s in guide_trace.nodes.items() if n not in replayed)
+    return own
 
 
 def plate_frames(site: Mapping[str, Any]) -> frozenset[tuple[str, int]]:
@@ -145,7 +190,7 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwarg
 def importance_trace(
     model: Callable, guide: Callable, args: tuple, kwargs: dict, max_plate_nesting: float,
     detach_guide: bool = False, strict_enumeration_warning: bool = True,
-    pyro_checks: bool = True,
+    pyro_checks: bool = True, track: bool = False,
 ) -> TracePair:
     """One guide trace and the model replayed against it, checked, with ``log_prob``
     (scaled and masked), ``log_prob_sum`` and ``unscaled_log_prob`` on every sample site
@@ -160,28 +205,62 @@ def importance_trace(
     enumeration, which no objective here enumerates (``strict_enumeration_warning``).
     ``pyro_checks=False`` skips Pyro's checks, for internal replays of a checked run
     (replayed sites are not broadcast by plates, so Pyro's shape check misreads them).
+
+    With ``track``, both programs run under a :class:`~pyro_wakesleep.dataflow.Dataflow`:
+    each latent guide site's node gets its draw's bit (key :data:`BIT`) and every sample
+    site's node the bitset of the draws its log-density depends on, by provenance or by
+    control (key :data:`DEPENDS`; see :mod:`pyro_wakesleep.downstream`).
     """
-    tracer = poutine.trace(guide)
-    if detach_guide:
-        with DetachSamples():
-            guide_trace = tracer.get_trace(*args, **kwargs)
-    else:
-        guide_trace = tracer.get_trace(*args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-        *args, **kwargs
-    )
+    flow = Dataflow() if track else None
+    bits: dict[str, int] = {}
+    with flow or _NOTHING:
+        guide_tracker = TrackDraws(flow, bits, True) if flow else _NOTHING
+        model_tracker = TrackDraws(flow, bits, False) if flow else _NOTHING
+        with guide_tracker:
+            tracer = poutine.trace(guide)
+            if detach_guide:
+                with DetachSamples():
+                    guide_trace = tracer.get_trace(*args, **kwargs)
+            else:
+                guide_trace = tracer.get_trace(*args, **kwargs)
+        if flow:
+            flow.clear_control()
+        with model_tracker:
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+    # a log-density is a function of the site's value, its distribution's tensors, scale
+    # and mask: computed outside the flow, with its dependencies read off those
+    _checked_log_probs(model_trace, guide_trace, max_plate_nesting, pyro_checks,
+                       strict_enumeration_warning)
+    if flow:
+        for trace, tracker in ((guide_trace, guide_tracker), (model_trace, model_tracker)):
+            for name, node in trace.nodes.items():
+                if is_sample(node):
+                    entry = cast(dict[str, Any], node)
+                    entry[DEPENDS] = (
+                        flow.held([node["value"], node["fn"], node["scale"], node["mask"]])
+                        | cast(TrackDraws, tracker).control.get(name, 0)
+                    )
+                    if name in bits and trace is guide_trace:
+                        entry[BIT] = bits[name]
+    return model_trace, guide_trace
+
+
+def _checked_log_probs(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float,
+                       pyro_checks: bool, strict_enumeration_warning: bool) -> None:
     check_model_guide(model_trace, guide_trace)
     if pyro_checks and is_validation_enabled():
-        check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+        own = own_guide_trace(model_trace, guide_trace)
+        check_model_guide_match(model_trace, own, max_plate_nesting)
         if strict_enumeration_warning:
-            check_if_enumerated(guide_trace)
+            check_if_enumerated(own)
     for trace in (model_trace, guide_trace):
         trace.compute_log_prob(lambda _, site: not site_is_subsample(site))
         if is_validation_enabled():
             for site in trace.nodes.values():
                 if is_sample(site):
                     check_site_shape(site, max_plate_nesting)  # type: ignore[arg-type]
-    return model_trace, guide_trace
 
 
 def canonical(value: Tensor, max_plate_nesting: int, vectorized: bool, site: str) -> Tensor:

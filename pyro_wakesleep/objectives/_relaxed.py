@@ -9,23 +9,19 @@ Private: :class:`~pyro_wakesleep.objectives.RebarELBO` (and so
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import pyro
 import pyro.distributions as dist
-import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 from torch.distributions import Bernoulli, Independent, OneHotCategorical
 
-from pyro_wakesleep.downstream import downstream_sites
+from pyro_wakesleep.downstream import site_signal
 from pyro_wakesleep.particles import Particles, check_finite_sites, run_particles
 from pyro_wakesleep.relaxation import relaxed_bernoulli, relaxed_one_hot
-from pyro_wakesleep.signals import reduce_to_dims
-from pyro_wakesleep.traces import plate_frames
 
 
 def base(fn: Any) -> Any:
@@ -141,7 +137,7 @@ def relaxed_runner(owner: str, program: tuple[Callable, Callable, tuple, dict],
                 out = run_particles(
                     smooth_model, relaxed_guide, args, kwargs,
                     num_particles=main.num_particles, vectorize=main.vectorized,
-                    max_plate_nesting=main.max_plate_nesting, pyro_checks=False)
+                    max_plate_nesting=main.max_plate_nesting, pyro_checks=False, track=True)
             check_finite_sites(out)
         except (RuntimeError, TypeError, IndexError, ValueError) as error:
             if str(error).startswith(owner):
@@ -158,24 +154,8 @@ def relaxed_runner(owner: str, program: tuple[Callable, Callable, tuple, dict],
 
 
 def relaxed_signal(run: Particles, site: str) -> tuple[Tensor, Tensor]:
-    """Differentiable :math:`f` of a relaxed run: the downstream cost terms of ``site``
-    per element of its plates (as :func:`~pyro_wakesleep.downstream.learning_signals`),
-    and their total (each term counted once)."""
-    model_trace, guide_trace = run.traces[0]
-    down, extra = downstream_sites(model_trace, guide_trace, site)
-    frames = plate_frames(guide_trace.nodes[site])
-    parts, totals = [], []
-    for name, with_guide in [(n, True) for n in down] + [(n, False) for n in extra]:
-        if name in model_trace.nodes:
-            node = model_trace.nodes[name]
-            value = node["log_prob"]
-            if with_guide:
-                value = value - guide_trace.nodes[name]["log_prob"]
-        else:
-            node = guide_trace.nodes[name]
-            value = -node["log_prob"]
-        value = run.canonical(value, name)
-        keep = {dim for _, dim in frames & plate_frames(node)} | {run.particle_dim}
-        parts.append(reduce_to_dims(value, keep))
-        totals.append(value.sum())
-    return functools.reduce(torch.add, parts), functools.reduce(torch.add, totals)
+    """Differentiable :math:`f` of a relaxed run: the cost terms that depend on ``site``
+    per element of its plates (:func:`~pyro_wakesleep.downstream.site_signal`), and their
+    total (each term counted once)."""
+    signal, total = site_signal(run, site)
+    return signal, total.sum()

@@ -16,7 +16,7 @@ from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor
 
 from pyro_wakesleep._validation import check_bool, check_int, check_real
-from pyro_wakesleep.objectives._compiled import CompiledStep, check_jit_options
+from pyro_wakesleep.compiled import CompiledStep, check_jit_options
 from pyro_wakesleep.objectives._site_control import SiteControlVariates
 from pyro_wakesleep.particles import Particles, check_finite_sites, run_particles
 from pyro_wakesleep.traces import guess_max_plate_nesting
@@ -68,7 +68,10 @@ class Objective(ELBO):
         ``"compile"`` (default ``False``): also compile the recorded graph with
         :func:`torch.compile` (inductor; slow to compile, faster per step, the same
         draws); ``"max_graphs"`` (default 16): call signatures recorded at most, later
-        ones run eagerly. The :func:`torch.jit.trace` keywords that Pyro's ``Jit*``
+        ones run eagerly; ``"verify"`` (default ``True``): replays 1, 2, 4, 8, ... of
+        each graph also run the eager step from the same state and compare loss,
+        gradients and state (an ``int`` ``n``: replay 1 and every ``n``-th; ``False``:
+        never). The :func:`torch.jit.trace` keywords that Pyro's ``Jit*``
         objectives pass (``check_trace``, ...) are accepted and have no effect.
     :param bool retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
     :param float tail_adaptive_beta: accepted for compatibility; it is used only by
@@ -167,7 +170,7 @@ class Objective(ELBO):
 
     def particles(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-        detach_guide: bool = False, check_finite: bool = True,
+        detach_guide: bool = False, check_finite: bool = True, track: bool = False,
     ) -> Particles:
         """Runs the particles once, as :class:`~pyro_wakesleep.particles.Particles`
         (see :func:`~pyro_wakesleep.particles.run_particles`). Vectorized particles need
@@ -179,6 +182,8 @@ class Objective(ELBO):
             (:func:`~pyro_wakesleep.particles.check_finite_sites`); an objective that
             first makes a more specific check of its own passes ``False`` and calls that
             function itself.
+        :param bool track: record the dataflow that
+            :func:`~pyro_wakesleep.downstream.learning_signals` needs.
         :rtype: ~pyro_wakesleep.particles.Particles
         """
         vectorize = self.vectorize_particles and self.num_particles > 1
@@ -186,19 +191,20 @@ class Objective(ELBO):
         particles = run_particles(
             model, guide, args, kwargs, num_particles=self.num_particles, vectorize=vectorize,
             max_plate_nesting=self.max_plate_nesting, detach_guide=detach_guide,
-            strict_enumeration_warning=self.strict_enumeration_warning,
+            strict_enumeration_warning=self.strict_enumeration_warning, track=track,
         )
         if check_finite:
             check_finite_sites(particles)
         return particles
 
     def runs(
-        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, track: bool = False,
     ) -> Iterator[Particles]:
         """The particles as independent runs: one vectorized run of all of them, or one
         run per particle, for objectives whose per-particle math needs further runs of
         model and guide of its own (e.g. :class:`~pyro_wakesleep.objectives.DisarmELBO`'s
-        antithetic runs). Draws the same way :meth:`particles` does."""
+        antithetic runs). Draws the same way :meth:`particles` does (``track`` as
+        there)."""
         vectorize = self.vectorize_particles and self.num_particles > 1
         self._know_plate_nesting(model, guide, args, kwargs, vectorize)
         size = self.num_particles if vectorize else 1
@@ -206,7 +212,7 @@ class Objective(ELBO):
             yield run_particles(
                 model, guide, args, kwargs, num_particles=size, vectorize=vectorize,
                 max_plate_nesting=self.max_plate_nesting,
-                strict_enumeration_warning=self.strict_enumeration_warning,
+                strict_enumeration_warning=self.strict_enumeration_warning, track=track,
             )
 
     def _know_plate_nesting(

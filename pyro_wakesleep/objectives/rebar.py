@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Categorical, Independent, OneHotCategorical
 
-from pyro_wakesleep._validation import check_bool, check_finite, check_real
+from pyro_wakesleep._validation import check_bool, check_real
 from pyro_wakesleep.control_variates import ControlVariate
 from pyro_wakesleep.downstream import learning_signals
 from pyro_wakesleep.objectives._relaxed import (
@@ -23,7 +23,13 @@ from pyro_wakesleep.objectives._relaxed import (
     upstream_values,
 )
 from pyro_wakesleep.objectives.base import Objective
-from pyro_wakesleep.particles import Particles, check_finite_sites, log_guide, log_joint
+from pyro_wakesleep.particles import (
+    Particles,
+    check_all_finite,
+    check_finite_sites,
+    log_guide,
+    log_joint,
+)
 from pyro_wakesleep.relaxation import conditional_gumbel, conditional_logistic, through_noise
 
 __all__ = ["RebarELBO"]
@@ -193,7 +199,7 @@ class RebarELBO(Objective):
         elbo = surrogate = variance = torch.zeros(())
         train = update and self.learn and self.control_variates.training
         # every main run first: the relaxed runs (skipped without gradients) draw after
-        for main in list(self.runs(model, guide, args, kwargs)):
+        for main in list(self.runs(model, guide, args, kwargs, track=True)):
             e, s, v = self._group(_Step(model, guide, args, kwargs, main, {}, {}, train))
             elbo, surrogate, variance = elbo + e, surrogate + s, variance + v
         k = self.num_particles
@@ -216,8 +222,7 @@ class RebarELBO(Objective):
             if view is not None:
                 step.views[name], step.states[name] = view, self._state(name, view)
         signals = learning_signals(main, list(step.views))
-        for name, signal in signals.items():
-            check_finite(signal, f"learning signal at site '{name}'")
+        check_all_finite([(s, f"learning signal at site '{n}'") for n, s in signals.items()])
         check_finite_sites(main)
         log_p = log_joint(main)
         elbo = log_p - log_guide(main)

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.distributions import Independent
 
 from pyro_wakesleep._replay import replay_stopped, warn_if_no_pathwise_site
-from pyro_wakesleep._validation import check_bool, check_finite
+from pyro_wakesleep._validation import check_bool
 from pyro_wakesleep.control_variates import ControlVariate, SiteContext, TraceGraphBaseline
 from pyro_wakesleep.downstream import learning_signals
 from pyro_wakesleep.objectives._site_control import (
@@ -19,7 +19,7 @@ from pyro_wakesleep.objectives._site_control import (
     instantiate,
 )
 from pyro_wakesleep.objectives.base import Objective
-from pyro_wakesleep.particles import check_finite_sites, log_guide, log_joint
+from pyro_wakesleep.particles import check_all_finite, check_finite_sites, log_guide, log_joint
 from pyro_wakesleep.signals import path_only
 
 __all__ = ["ScoreFunctionELBO"]
@@ -147,7 +147,7 @@ class ScoreFunctionELBO(Objective):
     ) -> tuple[Tensor, Tensor]:
         particles = self.particles(
             model, guide, args, kwargs, detach_guide=self.force_score_function,
-            check_finite=False,
+            check_finite=False, track=True,
         )
         nodes = {name: particles.sites[name].node for name in particles.guide_latents}
         if not self._checked:
@@ -157,8 +157,7 @@ class ScoreFunctionELBO(Objective):
                                          scored=self.force_score_function)
         score_sites = [name for name, node in nodes.items() if self._is_score_site(node)]
         signals = learning_signals(particles, score_sites)
-        for name, signal in signals.items():
-            check_finite(signal, f"learning signal at site '{name}'")
+        check_all_finite([(s, f"learning signal at site '{n}'") for n, s in signals.items()])
         check_finite_sites(particles)
         log_p = log_joint(particles)
         elbo = log_p - log_guide(particles)

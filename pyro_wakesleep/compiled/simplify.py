@@ -1,4 +1,4 @@
-"""Graph passes over a recorded step (private to :mod:`pyro_wakesleep.objectives`): what
+"""Graph passes over a recorded step (private to :mod:`pyro_wakesleep.compiled`): what
 the eager program computed only for Python's sake (views and broadcasts to the shapes
 tensors already have, neutral arithmetic, no-op grad-mode switches, dead values) is
 removed before the graph is replayed. Each pass keeps the graph's values, random draws
@@ -68,28 +68,28 @@ def simplify(graph: fx.Graph) -> None:
 
 def _drop_grad_switches(graph: fx.Graph) -> None:
     """Removes grad-mode switches that change nothing: one that sets the mode the graph
-    is already in, and a switch immediately undone by the next node. A graph is
-    replayed with gradients on, so it starts in grad mode."""
+    is already in, and a switch immediately undone by the next node (repeatedly, as the
+    pairs nest). A graph is replayed with gradients on, so it starts in grad mode. One
+    pass, linear in the graph's size."""
     def switch(node: fx.Node) -> bool:
         return node.op == "call_function" and node.target is torch._C._set_grad_enabled
 
-    changed = True
-    while changed:
-        changed, state = False, True
-        for node in graph.nodes:
-            if not switch(node):
-                continue
-            after = node.next
-            if node.args[0] == state:
-                graph.erase_node(node)
-            elif switch(after) and after.args[0] == state:
-                graph.erase_node(node)
-                graph.erase_node(after)
-            else:
-                state = node.args[0]
-                continue
-            changed = True
-            break
+    state = True
+    pending: list[tuple[fx.Node, bool]] = []  # kept switches with no node since them
+    for node in list(graph.nodes):
+        if not switch(node):
+            pending.clear()
+            continue
+        if node.args[0] == state:
+            graph.erase_node(node)
+        elif pending:  # the switch before it set the mode this one undoes
+            previous, before = pending.pop()
+            graph.erase_node(previous)
+            graph.erase_node(node)
+            state = before
+        else:
+            pending.append((node, state))
+            state = node.args[0]
 
 
 def _mutated_in_place(node: fx.Node) -> bool:
