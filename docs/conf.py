@@ -38,7 +38,11 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "myst_nb",
+    # MathJax rendered offline: sphinx-mathjax-offline (the docs extra) ships MathJax 3
+    # and copies it into the build's _static/mathjax, so the pages load no CDN script
+    "sphinx-mathjax-offline",
 ]
+mathjax_path = "mathjax/tex-chtml.js"  # relative: under _static/ of the built pages
 exclude_patterns = [
     "_build",
     "**.ipynb_checkpoints",

@@ -1,8 +1,10 @@
 """Checkpoint files of :func:`~pyro_wakesleep.training.fit`.
 
 Writes are atomic (a temporary file in the same directory, then :func:`os.replace`), so
-a crash or a second Ctrl-C during a save leaves the previous checkpoint intact; reads
-turn a corrupt, empty or foreign file into a :class:`ValueError` naming the path; and
+a crash or a second Ctrl-C during a save leaves the previous checkpoint intact; reads are
+safe (:func:`torch.load` with ``weights_only=True``: tensors, plain containers and the few
+types of :data:`SAFE_TYPES`, never code), and turn a corrupt, empty, foreign or unsafe file
+into a :class:`ValueError` naming the path; and
 :func:`check_compatible` compares a checkpoint with the run about to resume from it
 before anything is loaded, naming the parameter or control variate that differs.
 """
@@ -11,13 +13,18 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import numpy as np
 import pyro
+import pyro.distributions.constraints as pyro_constraints
 import pyro.poutine as poutine
 import torch
+import torch.distributions.constraints as torch_constraints
 from pyro.infer import SVI
 from pyro.params.param_store import (
     module_from_param_with_module_name,
@@ -26,11 +33,34 @@ from pyro.params.param_store import (
 )
 from pyro.util import get_rng_state, set_rng_state
 
-__all__ = ["check_checkpoint_path", "check_compatible", "check_optimizer_settings",
+__all__ = ["SAFE_TYPES", "check_checkpoint_path", "check_compatible", "check_optimizer_settings",
            "load_checkpoint", "optimizer_settings", "restore_training_state",
            "save_checkpoint", "training_state"]
 
 FORMAT = "pyro_wakesleep.fit/1"
+
+
+def _safe_types() -> list[Any]:
+    array = np.zeros(1, dtype=np.uint32)
+    constraints = {obj for module in (torch_constraints, pyro_constraints)
+                   for obj in vars(module).values()
+                   if isinstance(obj, type) and issubclass(obj, torch_constraints.Constraint)}
+    return [array.__reduce__()[0], np.ndarray, np.dtype, type(array.dtype),
+            *sorted(constraints, key=lambda c: (c.__module__, c.__qualname__))]
+
+
+SAFE_TYPES: list[Any] = _safe_types()
+"""What a checkpoint of :func:`~pyro_wakesleep.training.fit` may hold beyond tensors and
+plain containers (dicts, lists, tuples, str, numbers), and all that
+:func:`load_checkpoint` allow-lists (for that one call, with
+:func:`torch.serialization.safe_globals`): NumPy arrays (NumPy's random-number state) and
+the constraint classes of :mod:`torch.distributions.constraints` and
+:mod:`pyro.distributions.constraints` (the param store's). A parameter with a constraint
+of a class of your own needs ``torch.serialization.add_safe_globals([YourConstraint])``
+before resuming.
+
+:meta hide-value:
+"""
 
 
 def _prepare(path: str | os.PathLike) -> tuple[str, str]:
@@ -82,17 +112,34 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a checkpoint written by :func:`~pyro_wakesleep.training.fit`. Checkpoints
-    are pickles (:func:`torch.load` with ``weights_only=False``): load only your own.
+    """Reads a checkpoint written by :func:`~pyro_wakesleep.training.fit`, safely:
+    :func:`torch.load` with ``weights_only=True``, which rebuilds tensors and plain
+    containers and, here, only the types of :data:`SAFE_TYPES`. A file that needs
+    anything else to load (a pickle that would import a module or call a function, as a
+    planted file does to run code) is refused before any of it is run.
 
     :param path: the checkpoint file.
     :rtype: dict
-    :raises ValueError: naming ``path`` if the file is empty, corrupt or not a
-        checkpoint of ``fit()``.
+    :raises ValueError: naming ``path`` if the file is empty, corrupt, needs a type
+        outside :data:`SAFE_TYPES` (naming it), or is not a checkpoint of ``fit()``.
     """
     hint = "delete it, or pass resume=False to start over"
     try:
-        saved = torch.load(path, weights_only=False)
+        with torch.serialization.safe_globals(SAFE_TYPES):
+            saved = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+        if unsafe is None:
+            why = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(error), re.S)
+            raise ValueError(f"checkpoint {os.fspath(path)!r} cannot be read (empty, corrupt "
+                             "or not a file of tensors and plain containers: "
+                             f"{why.group(1) if why else error}); {hint}") from None
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} refused: it needs {unsafe.group(1)} to load, "
+            "which a checkpoint of fit() never holds, and loading it could run arbitrary "
+            "code (nothing in it was run). If you wrote it with a type of your own (e.g. a "
+            "parameter constraint) and trust it, allow-list that type with "
+            f"torch.serialization.add_safe_globals; otherwise {hint}") from None
     except Exception as error:
         raise ValueError(f"checkpoint {os.fspath(path)!r} cannot be read (empty or "
                          f"corrupt: {type(error).__name__}: {error}); {hint}") from error
@@ -160,6 +207,10 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any],
                 if prefix is None or not k.startswith(f"{prefix}.")}
         _compare("module state", {k: v for k, v in saved["module"].items() if k in keep},
                  {k: v for k, v in current["module"].items() if k in keep})
+        if ("scheduler" in saved) != ("scheduler" in current):
+            has = {True: "a learning-rate scheduler", False: "no learning-rate scheduler"}
+            raise ValueError(f"this run has {has['scheduler' in current]} but the checkpoint "
+                             f"was written with {has['scheduler' in saved]}")
         sizes = [[len(g["params"]) for g in s["optimizer"]["param_groups"]]
                  for s in (saved, current)]
         if sizes[0] != sizes[1]:
@@ -168,14 +219,17 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any],
 
 
 def training_state(trainer: Any, optimizer: torch.optim.Optimizer | None,
-                   loss: Any) -> dict[str, Any]:
+                   loss: Any, scheduler: Any = None) -> dict[str, Any]:
     """A copy of the training state: the param store, the objective's ``state_dict()``
-    (with its control variates), the optimizer state, and for the module route the
-    module's ``state_dict()``.
+    (with its control variates), the optimizer state (for SVI with a
+    :class:`pyro.optim.PyroLRScheduler`, each parameter's scheduler state with it), and for
+    the module route the module's ``state_dict()`` and the scheduler's, if any.
 
     :param trainer: a :class:`pyro.infer.SVI` or an :class:`pyro.infer.elbo.ELBOModule`.
     :param torch.optim.Optimizer optimizer: the module route's optimizer, else ``None``.
     :param loss: the objective (``None`` if unknown).
+    :param scheduler: the module route's learning-rate scheduler
+        (:class:`torch.optim.lr_scheduler.LRScheduler`), else ``None``.
     :rtype: dict
     """
     objective = getattr(loss, "state_dict", None)
@@ -194,18 +248,21 @@ def training_state(trainer: Any, optimizer: torch.optim.Optimizer | None,
         state["optimizer"] = optimizer.state_dict()
         state["control_variate_prefix"] = next(
             (n for n, m in trainer.named_modules() if m is cvs and n), None)
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
     return copy.deepcopy(state)
 
 
 def restore_training_state(state: Mapping[str, Any], trainer: Any,
                            optimizer: torch.optim.Optimizer | None, loss: Any,
-                           warm_up: Callable[[], Any]) -> None:
-    """Restores what :func:`training_state` returned, in place (modules and optimizers
-    keep their tensors), after checking it with :func:`check_compatible`.
+                           warm_up: Callable[[], Any], scheduler: Any = None) -> None:
+    """Restores what :func:`training_state` returned, in place (modules, optimizers and
+    schedulers keep their tensors), after checking it with :func:`check_compatible`.
 
     :param callable warm_up: runs the objective once (e.g. its ``loss``), so that the
         parameters and lazily created control variates exist; what it registers is
         undone, and the random number generators restored, if the check fails.
+    :param scheduler: the module route's learning-rate scheduler, else ``None``.
     :raises ValueError: from :func:`check_compatible`, with nothing changed.
     """
     store, cvs = pyro.get_param_store(), getattr(loss, "control_variates", None)
@@ -216,7 +273,7 @@ def restore_training_state(state: Mapping[str, Any], trainer: Any,
     with poutine.block():
         warm_up()
     try:
-        check_compatible(state, training_state(trainer, optimizer, loss), sites)
+        check_compatible(state, training_state(trainer, optimizer, loss, scheduler), sites)
     except ValueError:  # undo what the warm-up created
         for name in set(store.keys()) - names:
             del store[name]
@@ -244,6 +301,8 @@ def restore_training_state(state: Mapping[str, Any], trainer: Any,
         assert optimizer is not None
         trainer.load_state_dict({**trainer.state_dict(), **state["module"]})
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
 
 
 def _pyro_optim_args(optim: Any, names: Collection[str]) -> dict[str, Any]:
@@ -259,8 +318,23 @@ def _pyro_optim_args(optim: Any, names: Collection[str]) -> dict[str, Any]:
         for n in names}}
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with every class or function in it replaced by its qualified name: what
+    a checkpoint can hold without allow-listing (and compare across processes)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if callable(value) and not isinstance(value, torch.Tensor):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')}"
+    return value
+
+
 def optimizer_settings(trainer: Any, optimizer: torch.optim.Optimizer | None,
-                       names: Collection[str] | None = None) -> dict[str, Any]:
+                       names: Collection[str] | None = None,
+                       scheduler: Any = None) -> dict[str, Any]:
     """The settings the optimizer was built with (learning rate, betas, weight decay, ...):
     for :func:`~pyro_wakesleep.training.fit`, which records them at the start of a run
     and compares them with :func:`check_optimizer_settings` when it resumes.
@@ -270,25 +344,30 @@ def optimizer_settings(trainer: Any, optimizer: torch.optim.Optimizer | None,
     may). For :class:`pyro.infer.SVI`, the arguments its :class:`pyro.optim.PyroOptim`
     builds the per-parameter optimizers with (a callable's value at each parameter name
     in ``names``, by default those in the param store), which training never changes.
+    Classes and functions among the settings (a scheduler's ``lr_lambda``, say) are given
+    by their qualified names, so that the settings are plain data.
 
     :param trainer: a :class:`pyro.infer.SVI` or the module route's module.
     :param torch.optim.Optimizer optimizer: the module route's optimizer, else ``None``.
     :param names: for SVI with per-parameter arguments, the parameter names to list.
+    :param scheduler: the module route's learning-rate scheduler (its class is listed),
+        else ``None``.
     :rtype: dict
     """
     if isinstance(trainer, SVI):
         optim = trainer.optim
         store = pyro.get_param_store()
-        scheduler = getattr(optim, "pt_scheduler_constructor", None)
-        return {"optimizer": getattr(optim.pt_optim_constructor, "__name__", "?"),
-                "scheduler": None if scheduler is None else (
-                    getattr(scheduler, "__name__", "?"), dict(optim.kwargs)),
-                **_pyro_optim_args(optim, store.keys() if names is None else names)}
+        constructor = getattr(optim, "pt_scheduler_constructor", None)
+        return _plain({"optimizer": getattr(optim.pt_optim_constructor, "__name__", "?"),
+                       "scheduler": None if constructor is None else (
+                           getattr(constructor, "__name__", "?"), dict(optim.kwargs)),
+                       **_pyro_optim_args(optim, store.keys() if names is None else names)})
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
-    return {"optimizer": type(optimizer).__name__, "param_groups": [
+    return _plain({"optimizer": type(optimizer).__name__, "param_groups": [
         {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
-        for group in optimizer.param_groups]}
+        for group in optimizer.param_groups],
+        "scheduler": None if scheduler is None else type(scheduler).__name__})
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -332,6 +411,9 @@ def check_optimizer_settings(saved: Mapping[str, Any] | None,
     if saved["optimizer"] != current["optimizer"]:
         raise ValueError(f"the optimizer is {current['optimizer']} in this run but "
                          f"{saved['optimizer']} in the checkpoint")
+    if not _same(saved.get("scheduler"), current.get("scheduler")):
+        raise ValueError(f"the learning-rate scheduler is {current.get('scheduler')!r} in "
+                         f"this run but {saved.get('scheduler')!r} in the checkpoint")
     if "param_groups" in saved and "param_groups" in current:
         groups = saved["param_groups"], current["param_groups"]
         if len(groups[0]) != len(groups[1]):
@@ -340,9 +422,6 @@ def check_optimizer_settings(saved: Mapping[str, Any] | None,
         for i, (old, new) in enumerate(zip(*groups, strict=True)):
             _differs(f" of param group {i}", old, new)
         return
-    if not _same(saved.get("scheduler"), current.get("scheduler")):
-        raise ValueError(f"the learning-rate scheduler is {current.get('scheduler')!r} in "
-                         f"this run but {saved.get('scheduler')!r} in the checkpoint")
     if "args" in saved and "args" in current:
         _differs("", saved["args"], current["args"])
     elif "per_param_args" in saved and "per_param_args" in current:

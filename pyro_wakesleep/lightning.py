@@ -63,7 +63,14 @@ class ObjectiveLightningModule(pl.LightningModule):
 
     A batch is passed to the loss module as its positional arguments: a tensor as the one
     argument, a list or tuple (what a :class:`~torch.utils.data.TensorDataset` yields) as
-    the arguments. The loss is logged as ``"loss"``.
+    the arguments. Through Lightning's own logging (:meth:`~lightning.pytorch.LightningModule.log`,
+    so to whichever logger the trainer has, TensorBoard by default) every training step
+    logs ``"loss"`` (the batch's loss), ``"loss_per_datapoint"`` (divided by the length of
+    the batch's first argument) and the learning rate ``"lr"`` (``"lr/group<i>"`` per
+    param group where there are several); a validation step (given validation data,
+    ``trainer.fit(module, train, val)``) logs ``"val_loss"`` and
+    ``"val_loss_per_datapoint"``, the negative held-out bound, averaged over the
+    validation set, with the control variates' running state left as it is.
 
     :param ObjectiveModule loss_module: ``objective(model, guide)``; call its
         :meth:`~pyro_wakesleep.objectives.ObjectiveModule.initialize` once before, so
@@ -71,6 +78,10 @@ class ObjectiveLightningModule(pl.LightningModule):
     :param callable optimizer: maps the parameters to a :class:`torch.optim.Optimizer`;
         by default :class:`torch.optim.Adam` with learning rate ``lr``.
     :param float lr: the learning rate of the default optimizer.
+    :param callable scheduler: maps the optimizer to a learning-rate scheduler
+        (:class:`torch.optim.lr_scheduler.LRScheduler`), which Lightning steps every
+        ``scheduler_interval`` and saves in its checkpoints; ``None``: none.
+    :param str scheduler_interval: ``"step"`` (default) or ``"epoch"``.
     """
 
     def __init__(
@@ -78,6 +89,8 @@ class ObjectiveLightningModule(pl.LightningModule):
         loss_module: ObjectiveModule,
         optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
         lr: float = 1e-3,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        scheduler_interval: str = "step",
     ) -> None:
         super().__init__()
         if not isinstance(loss_module, ObjectiveModule):
@@ -89,27 +102,60 @@ class ObjectiveLightningModule(pl.LightningModule):
             raise TypeError(f"optimizer must be callable or None, got {optimizer!r}")
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
             raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if scheduler is not None and not callable(scheduler):
+            raise TypeError(f"scheduler must be callable or None, got {scheduler!r}")
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got "
+                             f"{scheduler_interval!r}")
         self.loss_module = loss_module
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
         self.lr = float(lr)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """The loss module's differentiable loss."""
         return self.loss_module(*args, **kwargs)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """The loss of one batch (logged as ``"loss"``)."""
+    def _loss(self, batch: Any, prefix: str) -> Tensor:
         args = tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
         loss = self.loss_module(*args)
-        self.log("loss", loss.detach(), prog_bar=True)
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        size = 1 if first is None or first.dim() == 0 else int(first.shape[0])
+        self.log(f"{prefix}loss", loss.detach(), prog_bar=not prefix, batch_size=size)
+        self.log(f"{prefix}loss_per_datapoint", loss.detach() / size, batch_size=size)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """The optimizer over every parameter of the loss module."""
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The loss of one batch (logged as ``"loss"``, with ``"loss_per_datapoint"`` and
+        the learning rate ``"lr"``)."""
+        loss = self._loss(batch, "")
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        rates = [g["lr"] for o in optimizers for g in o.param_groups if "lr" in g]
+        for i, rate in enumerate(rates):
+            self.log("lr" if len(set(rates)) == 1 else f"lr/group{i}", float(rate))
+            if len(set(rates)) == 1:
+                break
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The loss of one validation batch (logged as ``"val_loss"`` and
+        ``"val_loss_per_datapoint"``, averaged over the validation set)."""
+        return self._loss(batch, "val_")
+
+    def configure_optimizers(self) -> Any:
+        """The optimizer over every parameter of the loss module, with the scheduler if
+        any."""
         params = list(self.parameters())
         if self.optimizer_factory is not None:
-            return self.optimizer_factory(params)
-        return torch.optim.Adam(params, lr=self.lr)
+            optimizer = self.optimizer_factory(params)
+        else:
+            optimizer = torch.optim.Adam(params, lr=self.lr)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {
+            "scheduler": self.scheduler_factory(optimizer),
+            "interval": self.scheduler_interval}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Adds every rank's random-number state (a collective under DDP: Lightning calls

@@ -1,9 +1,10 @@
 """A training loop for users who do not want to write one: :func:`fit`.
 
 Progress bar, history, callbacks, early stopping on a held-out estimate, periodic
-gradient diagnostics, and checkpoint/resume of the whole training state (parameters,
-optimizer, control-variate state, random number generators and the position in the
-data) so that a resumed run continues exactly as if it had not stopped.
+gradient diagnostics, learning-rate schedulers, logging to TensorBoard (or anything with
+``add_scalar``), and checkpoint/resume of the whole training state (parameters,
+optimizer and scheduler, control-variate state, random number generators and the
+position in the data) so that a resumed run continues exactly as if it had not stopped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pyro.infer.elbo import ELBOModule
 from pyro.util import get_rng_state, set_rng_state
 from torch.nn.parallel import DistributedDataParallel
 
-from pyro_wakesleep._fit_routes import Data, Route, validate
+from pyro_wakesleep._fit_routes import Data, Route, count, validate
 from pyro_wakesleep._validation import check_int, check_real
 from pyro_wakesleep.checkpoints import (
     FORMAT,
@@ -82,6 +83,9 @@ def fit(
     callbacks: Sequence[Callable[[StepInfo], bool | None]] = (),
     gradient_stats_every: int | None = None, gradient_stats_draws: int = 20,
     progress: bool = True, description: str | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scheduler_interval: str = "step", logger: Any = None,
+    datapoints: int | Callable[[tuple, dict], int] | None = None,
 ) -> History:
     """Runs ``num_steps`` optimization steps and returns the :class:`History`.
 
@@ -92,8 +96,36 @@ def fit(
     ``resume`` is true, training continues from it, exactly (bit for bit) as if it had
     not stopped, also in a fresh process (the model, guide, optimizer and objective must
     be built as before). Ctrl-C finishes the current step, saves, and raises
-    :class:`KeyboardInterrupt`. Checkpoints are pickles: load only your own
-    (:func:`torch.load` with ``weights_only=False``).
+    :class:`KeyboardInterrupt`. Checkpoints are read safely (:func:`torch.load` with
+    ``weights_only=True``, :func:`~pyro_wakesleep.checkpoints.load_checkpoint`): a file
+    that would need anything but tensors, plain containers and the types of
+    :data:`~pyro_wakesleep.checkpoints.SAFE_TYPES` to load is refused with a
+    :class:`ValueError`, before any of it runs.
+
+    **Learning-rate schedulers** are stepped by ``fit`` and saved in the checkpoint with
+    the optimizer, so that a resumed run continues the schedule exactly. With
+    :class:`~pyro.infer.SVI`, make a :mod:`pyro.optim` scheduler
+    (:class:`pyro.optim.PyroLRScheduler`, e.g. ``pyro.optim.ExponentialLR({"optimizer":
+    torch.optim.Adam, "optim_args": {"lr": 0.01}, "gamma": 0.999})``) SVI's optimizer;
+    in the module route pass a :mod:`torch.optim.lr_scheduler` scheduler of
+    ``optimizer`` as ``scheduler``. It is stepped after every optimization step
+    (``scheduler_interval="step"``) or after the last step of every pass over the data
+    (``"epoch"``, for data with a length such as a
+    :class:`~torch.utils.data.DataLoader`); a ``ReduceLROnPlateau`` is stepped with each
+    validation value instead (``validation`` is needed). Do not step it yourself as well.
+
+    **Logging**: ``logger`` is a :class:`torch.utils.tensorboard.SummaryWriter` or any
+    object with a method ``add_scalar(tag, value, step)``. At every step it receives
+    ``train/loss`` (the step's loss as in the history: the objective's loss of the batch)
+    and ``train/loss_per_datapoint`` (divided by the batch's number of datapoints, see
+    ``datapoints``), and the learning rate used for the step, ``lr`` (or ``lr/<name>``
+    per param group ``group<i>``, or per parameter for SVI, where they differ); at each
+    validation ``validation/loss`` (as in the history) and, for validation data,
+    ``validation/loss_per_datapoint`` (the negative held-out bound per datapoint); at
+    each gradient-statistics step ``gradients/<group>/<statistic>`` (``mean_norm``,
+    ``variance``, ``snr``, ``mean_snr``, as in
+    :meth:`~pyro_wakesleep.diagnostics.History.gradients_dataframe`). Its ``flush()``, if
+    any, is called at the end. Under ``torch.distributed`` only rank 0 logs.
 
     The optimizer must be built with the settings of the checkpointed run: resuming
     restores its state, learning rate included, so a run resumed with another learning
@@ -142,11 +174,23 @@ def fit(
         draws, at the step's batch; it changes no training state) per group.
     :param bool progress: show a tqdm progress bar with the running loss.
     :param str description: the progress bar's label.
+    :param scheduler: for the module route, a learning-rate scheduler
+        (:class:`torch.optim.lr_scheduler.LRScheduler`, ``ReduceLROnPlateau`` included) of
+        ``optimizer``, stepped by ``fit`` and saved in the checkpoint.
+    :param str scheduler_interval: ``"step"`` (default) or ``"epoch"``: when ``fit`` steps
+        the scheduler (of either route).
+    :param logger: a :class:`torch.utils.tensorboard.SummaryWriter` or any object with
+        ``add_scalar(tag, value, step)``; see above for what it receives.
+    :param datapoints: the number of datapoints in a batch, for the per-datapoint values
+        logged: an int, or a callable ``(args, kwargs) -> int``; by default the length of
+        the first tensor argument (1 if it is a scalar).
     :rtype: History
     """
     callbacks = _check_arguments(locals())  # first: only the arguments are local
     rank, world = _rank_and_world()
-    route, stream, history = Route(trainer, optimizer, world), Data(data), History()
+    route, stream, history = Route(trainer, optimizer, world, scheduler), Data(data), History()
+    epoch_length = _epoch_length(route, data, validation, scheduler_interval)
+    log: Any = logger if rank == 0 else None
     early: dict[str, Any] = {"best": math.inf, "best_step": None, "bad": 0, "best_state": None}
     step = 0
     # the module route's settings as built, before a callback or scheduler changes them
@@ -184,6 +228,12 @@ def fit(
             loss = _mean(route.step(args, kwargs))  # the ranks' mean: what DDP optimizes
             step += 1
             history.add_loss(step, loss)
+            if log is not None:  # the learning rates this step used
+                _log(log, step, loss, count(args, kwargs, datapoints), "train")
+                _log_rates(log, step, route.learning_rates())
+            if not route.plateau and (scheduler_interval == "step"
+                                      or stream.batch == epoch_length):
+                route.step_scheduler()
             bar.set_postfix(loss=f"{history.running_loss:.4g}", refresh=False)
             bar.update(1)  # redraws at most once per mininterval, with the new postfix
             if gradient_stats_every and step % gradient_stats_every == 0 \
@@ -192,10 +242,19 @@ def fit(
 
                 stats = gradient_stats(route.model, route.guide, route.loss, *args,
                                        num_draws=gradient_stats_draws, **kwargs)
-                history.add_gradients(step, stats.rows("group"))
+                rows = stats.rows("group")
+                history.add_gradients(step, rows)
+                for row in rows if log is not None else ():
+                    for key in ("mean_norm", "variance", "snr", "mean_snr"):
+                        log.add_scalar(f"gradients/{row['group']}/{key}", row[key], step)
             if validation is not None and step % validate_every == 0:
-                value = _mean(validate(route, validation))
+                value, size = validate(route, validation, datapoints)
+                value = _mean(value)
                 history.add_validation(step, value)
+                if log is not None:
+                    _log(log, step, value, size, "validation")
+                if route.plateau:
+                    route.step_scheduler(value)
                 if value < early["best"] - min_delta:
                     early.update(best=value, best_step=step, bad=0)
                     if restore_best:
@@ -216,7 +275,41 @@ def fit(
     if restore_best and early["best_state"] is not None:
         route.load(early["best_state"], *stream.first())
     history.stopped_early = stop
+    if callable(getattr(log, "flush", None)):
+        log.flush()
     return history
+
+
+def _log(logger: Any, step: int, value: float, size: float | None, prefix: str) -> None:
+    logger.add_scalar(f"{prefix}/loss", value, step)
+    if size is not None:
+        logger.add_scalar(f"{prefix}/loss_per_datapoint", value / size, step)
+
+
+def _log_rates(logger: Any, step: int, rates: Mapping[str, float]) -> None:
+    if len(set(rates.values())) == 1:
+        logger.add_scalar("lr", next(iter(rates.values())), step)
+    else:
+        for name, rate in rates.items():
+            logger.add_scalar(f"lr/{name}", rate, step)
+
+
+def _epoch_length(route: Route, data: Any, validation: Any, interval: str) -> int | None:
+    """The number of batches per pass over ``data`` if the scheduler is stepped per epoch;
+    checks that the scheduler can be stepped as asked."""
+    if route.plateau and validation is None:
+        raise ValueError("a ReduceLROnPlateau scheduler is stepped with the validation "
+                         "value: pass validation=...")
+    if route.scheduler is None or route.plateau or interval == "step":
+        return None
+    try:
+        length = len(data) if not isinstance(data, (tuple, Mapping)) else None
+    except TypeError:
+        length = None
+    if not length:
+        raise ValueError(f"scheduler_interval='epoch' needs data that is an iterable of "
+                         f"batches with a length (such as a DataLoader), got {data!r}")
+    return length
 
 
 def _exists(checkpoint: str | os.PathLike, resume: bool) -> bool:
@@ -237,9 +330,21 @@ def _check_arguments(a: Mapping[str, Any]) -> list[Callable[[StepInfo], bool | N
             raise TypeError(f"{name} must be a bool, got {a[name]!r}")
     for name, kind, what in (("checkpoint", (str, os.PathLike), "a path"),
                              ("description", str, "a str"),
-                             ("optimizer", torch.optim.Optimizer, "a torch.optim.Optimizer")):
+                             ("optimizer", torch.optim.Optimizer, "a torch.optim.Optimizer"),
+                             ("scheduler", torch.optim.lr_scheduler.LRScheduler,
+                              "a torch.optim.lr_scheduler.LRScheduler")):
         if a[name] is not None and not isinstance(a[name], kind):
             raise TypeError(f"{name} must be {what} or None, got {a[name]!r}")
+    if a["scheduler_interval"] not in ("step", "epoch"):
+        raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got "
+                         f"{a['scheduler_interval']!r}")
+    if a["logger"] is not None and not callable(getattr(a["logger"], "add_scalar", None)):
+        raise TypeError(f"logger must be a torch.utils.tensorboard.SummaryWriter or an "
+                        f"object with a method add_scalar(tag, value, step), got "
+                        f"{a['logger']!r}")
+    datapoints = a["datapoints"]
+    if datapoints is not None and not callable(datapoints):
+        check_int(datapoints, "datapoints", 1)
     validation = a["validation"]
     if isinstance(validation, (str, bytes)) or not (
             validation is None or callable(validation) or isinstance(validation, Iterable)):

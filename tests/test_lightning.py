@@ -1,6 +1,7 @@
 """The Lightning route: ObjectiveLightningModule trains the SBN with every objective, and
 Lightning's own checkpointing resumes exactly. Skipped where lightning is missing."""
 
+import math
 import warnings
 
 import pyro
@@ -157,3 +158,56 @@ def test_ddp_strategy_on_two_processes_holds_identical_state(tmp_path):
     assert any(k.endswith("h1.variance") for k in state0)
     for k in state0:
         assert torch.equal(state0[k], state1[k]), k
+
+
+def test_logs_loss_per_datapoint_learning_rate_and_validation_through_lightning():
+    """Lightning's own logging: "loss", "loss_per_datapoint", "lr" every step (stepped by
+    the scheduler), "val_loss" and "val_loss_per_datapoint" from validation batches,
+    which leave the control variates' running state as it is."""
+
+    class Recorder(pl.Callback):
+        def __init__(self):
+            self.metrics = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    sbn = SigmoidBeliefNet((PIXELS, 4), name="sbn")
+    loss_module = OBJECTIVES["sf_average"]()(sbn.model, sbn.guide)
+    loss_module.initialize(next(iter(_data()))[0])
+    module = ObjectiveLightningModule(
+        loss_module, lr=1e-2, scheduler=lambda o: torch.optim.lr_scheduler.ExponentialLR(
+            o, gamma=0.5))
+    recorder = Recorder()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*GPU available.*")
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_steps=3, enable_progress_bar=False,
+            logger=False, enable_checkpointing=False, enable_model_summary=False,
+            callbacks=[recorder], num_sanity_val_steps=0, val_check_interval=2)
+        trainer.fit(module, _data(), _data())
+    assert [m["lr"] for m in recorder.metrics] == pytest.approx([1e-2, 5e-3, 2.5e-3])
+    for m in recorder.metrics:
+        assert m["loss_per_datapoint"] == pytest.approx(m["loss"] / BATCH)
+    metrics = trainer.callback_metrics
+    assert math.isfinite(float(metrics["val_loss"]))
+    assert float(metrics["val_loss_per_datapoint"]) == pytest.approx(
+        float(metrics["val_loss"]) / BATCH)
+    with pytest.raises(ValueError, match="scheduler_interval"):
+        ObjectiveLightningModule(loss_module, scheduler_interval="batch")
+    with pytest.raises(TypeError, match="scheduler must be callable"):
+        ObjectiveLightningModule(loss_module, scheduler=3)  # type: ignore[arg-type]
+
+
+def test_validation_leaves_the_control_variates_running_state_alone():
+    module = _module("sf_average")
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*trainer. reference is not registered.*")
+        module.eval()
+        module.validation_step(next(iter(_data())), 0)
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

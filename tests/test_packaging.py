@@ -112,6 +112,8 @@ def test_sdist_and_wheel_build_install_and_import(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     assert "pyro_wakesleep/__init__.py" in names
+    assert "pyro_wakesleep/py.typed" in names, "py.typed missing: type checkers ignore us"
+    assert "pyro_wakesleep/py.typed" in members, "py.typed missing from the sdist"
     for module in EXAMPLES:
         assert f"pyro_wakesleep/examples/{module}.py" in names, (module, names)
         if module != "__init__":
@@ -136,6 +138,11 @@ def test_sdist_and_wheel_build_install_and_import(tmp_path: Path) -> None:
     )
     assert examples == ["matplotlib", "scikit-learn"], examples
     assert "pyro-wakesleep = pyro_wakesleep.examples.cli:main" in scripts, scripts
+    urls = dict(line.removeprefix("Project-URL:").strip().split(", ", 1) for line in lines
+                if line.startswith("Project-URL:"))
+    assert {"Documentation", "Source", "Issues", "Changelog"} <= urls.keys(), urls
+    assert all(url.startswith("https://") for url in urls.values()), urls
+    assert "Classifier: Typing :: Typed" in lines
 
     # a fresh environment; this one's site-packages (dependencies only: its .pth files,
     # such as an editable install of this package, are not processed) on a plain path
@@ -222,3 +229,27 @@ def test_examples_name_the_extra_where_it_is_missing(
     )
     out = run([sys.executable, "-c", probe], cwd=ROOT).stdout
     assert "ImportError:" in out and "pip install pyro-wakesleep[examples]" in out, out
+
+
+def test_dependency_floors_are_the_versions_ci_tests() -> None:
+    """CI installs torch from constraints.txt and pyro-ppl's newest release (1.9.2 when
+    the floors were set): the floors in pyproject.toml are those versions, since no CI job
+    tests older ones; torch's is the pinned one, and nothing installed is older."""
+    import importlib.metadata
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floors = dict(re.fullmatch(r"([\w-]+)>=([\d.]+)", d).groups()  # type: ignore[union-attr]
+                  for d in project["dependencies"])
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().split()
+                if "==" in line)
+
+    def release(version: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in re.match(r"[\d.]+", version).group().strip(".")
+                     .split("."))  # type: ignore[union-attr]
+
+    assert release(pins["torch"])[:2] == release(floors["torch"])[:2], (pins, floors)
+    for name in ("torch", "pyro-ppl"):  # what runs the tests is not older than the floor
+        assert release(importlib.metadata.version(name)) >= release(floors[name]), name
+    assert "Typing :: Typed" in project["classifiers"]
+    assert (ROOT / "pyro_wakesleep" / "py.typed").is_file()

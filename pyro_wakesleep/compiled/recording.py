@@ -19,6 +19,8 @@ import pyro
 import torch
 from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor, fx, nn
+from torch._guards import TracingContext, tracing
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from pyro_wakesleep import _validation
@@ -127,7 +129,10 @@ def record(objective: Any, model: Callable, guide: Callable, signature: ArgSigna
 
     rng = get_rng_state()
     try:
-        with pyro.poutine.block(), warnings.catch_warnings():
+        # one fake-tensor mode for the metadata of every recorded value (without a
+        # tracing context, make_fx builds a new one per value: most of the recording time)
+        context = TracingContext(FakeTensorMode(allow_fallback_kernels=True))
+        with pyro.poutine.block(), warnings.catch_warnings(), tracing(context):
             warnings.simplefilter("ignore")  # the eager first step showed them
             module = make_fx(step, tracing_mode="real", pre_dispatch=True)(
                 *params, *tensors, *saved
