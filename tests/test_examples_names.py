@@ -173,3 +173,22 @@ def test_a_name_that_is_not_a_str_is_a_type_error(cls: type, bad: object) -> Non
 def test_an_empty_name_or_one_with_pyros_separator_is_a_value_error(bad: str) -> None:
     with pytest.raises(ValueError, match="name must be non-empty"):
         SigmoidBeliefNet((6, 3), name=bad)
+
+
+def test_the_main_jobs_interleaved_objectives_each_train_their_own_net() -> None:
+    """compare() keeps every objective's network in the param store at once (they train
+    interleaved): each under its own name, each trained, none sharing another's tensors."""
+    from pyro_wakesleep.examples.compare import compare
+    from pyro_wakesleep.examples.datasets import load_digits
+
+    train, test = load_digits()
+    compare(train, test, ["sf", "vimco", "ws"], steps=3, seconds=0, rounds=1,
+            evaluations=1, latent=(4,), progress=False, grad_draws=2, eval_particles=2)
+    store = pyro.get_param_store()
+    prefix = {key.split(".generative$$$")[0] for key in store if ".generative$$$" in key}
+    assert len(prefix) == 4, prefix  # the initial net (measured at step 0) and three copies
+    initial = min(prefix, key=len)
+    start = store.get_param(f"{initial}.generative$$$prior_logits").detach()
+    trained = [store.get_param(f"{p}.generative$$$prior_logits") for p in prefix - {initial}]
+    assert all(not torch.equal(start, t.detach()) for t in trained)
+    assert len({id(t) for t in trained}) == 3

@@ -12,7 +12,7 @@ is valid for), :mod:`.checks` (what recording refuses, by mechanism), :mod:`.rec
 step) and :mod:`.step` (the dispatch).
 """
 
-from pyro_wakesleep.compiled.options import JIT_OPTIONS, check_jit_options
+from pyro_wakesleep.compiled.options import check_jit_options
 from pyro_wakesleep.compiled.step import CompiledStep, Steppable
 
-__all__ = ["JIT_OPTIONS", "CompiledStep", "Steppable", "check_jit_options"]
+__all__ = ["CompiledStep", "Steppable", "check_jit_options"]

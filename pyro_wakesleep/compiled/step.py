@@ -31,6 +31,7 @@ from pyro_wakesleep.compiled.signature import (
     plain_stack,
     settings,
 )
+from pyro_wakesleep.compiled.training import TrainingStep
 from pyro_wakesleep.compiled.verification import verify
 
 __all__ = ["CompiledStep", "Steppable"]
@@ -39,8 +40,9 @@ Eager = Callable[[], tuple[Tensor, Tensor]]
 
 
 class Steppable(Protocol):
-    """What a compiled step needs of an objective (:class:`~pyro_wakesleep.objectives.
-    Objective` is one): its step, its control variates and its extra outputs."""
+    """What a compiled step needs of an objective (an
+    :class:`~pyro_wakesleep.objectives.Objective` is one): its step, its control variates
+    and its extra outputs."""
 
     @property
     def control_variates(self) -> nn.Module: ...
@@ -77,6 +79,17 @@ class CompiledStep:
         self._bases: dict[Any, _Base] = {}
         self._warm: dict[Any, list[str]] = {}  # signature -> param names of its eager step
         self._refused: dict[Any, str] = {}
+        self._training: dict[int, TrainingStep] = {}
+
+    def training(self, source: Any, grads: bool) -> TrainingStep:
+        """The compiled training step (loss, gradients and update) with the optimizer
+        ``source`` (a :class:`torch.optim.Optimizer` or SVI's
+        :class:`pyro.optim.PyroOptim`); ``grads``: whether it leaves the gradients in
+        ``.grad``."""
+        step = self._training.get(id(source))
+        if step is None or step.source is not source:
+            step = self._training[id(source)] = TrainingStep(self, source, grads)
+        return step
 
     # -- signatures ----------------------------------------------------------------------
     def _key(self, model: Callable, guide: Callable, args: tuple, kwargs: dict

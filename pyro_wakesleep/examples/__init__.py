@@ -6,13 +6,18 @@ importing one example never imports the others):
 
 * :mod:`pyro_wakesleep.examples.models` — sigmoid belief nets (Helmholtz machines);
 * :mod:`pyro_wakesleep.examples.mixture` — the Gaussian mixture of Le et al. (2019);
-* :mod:`pyro_wakesleep.examples.datasets` — binarized digits (scikit-learn) and MNIST;
+* :mod:`pyro_wakesleep.examples.datasets` — binarized MNIST (a subset ships in the
+  package), binarized digits (scikit-learn);
+* :mod:`pyro_wakesleep.examples.contenders` — the objectives the comparison trains, and
+  their training steps;
 * :mod:`pyro_wakesleep.examples.compare` — the side-by-side comparison of objectives;
+* :mod:`pyro_wakesleep.examples.figure` — its figure;
 * :mod:`pyro_wakesleep.examples.parallel` — the same comparison data-parallel;
 * :mod:`pyro_wakesleep.examples.cli` — the ``pyro-wakesleep`` command line.
 
-Only :func:`~pyro_wakesleep.examples.datasets.load_digits` (scikit-learn) and
-:func:`~pyro_wakesleep.examples.compare.save` (matplotlib) need the extra; they import it
+Only :func:`~pyro_wakesleep.examples.datasets.load_digits` (scikit-learn),
+:func:`~pyro_wakesleep.examples.compare.save` and
+:func:`~pyro_wakesleep.examples.figure.plot` (matplotlib) need the extra; they import it
 when called.
 """
 

@@ -3,13 +3,17 @@
 * :func:`load_digits` — the 1,797 8×8 handwritten digits that ship inside scikit-learn
   (no download), binarized: real data available on every install of the ``examples``
   extra (``pip install pyro-wakesleep[examples]``).
-* :func:`load_binarized_mnist` — the standard statically binarized MNIST
-  (Larochelle & Murray, 2011) from a local ``.npz`` file.
+* :func:`load_mnist_subset` — 8,000 training and 500 held-out images of the standard
+  statically binarized MNIST (Larochelle & Murray, 2011), bit-packed inside this package
+  (about 0.3 MB; no download): the data of ``pyro-wakesleep compare``;
+  :func:`pack_mnist_subset` wrote it.
+* :func:`load_binarized_mnist` — the whole binarized MNIST from a local ``.npz`` file.
 """
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 from typing import NamedTuple
 
 import numpy as np
@@ -18,7 +22,13 @@ from torch import Tensor
 
 from pyro_wakesleep.examples._optional import require
 
-__all__ = ["Split", "load_binarized_mnist", "load_digits"]
+__all__ = [
+    "MNIST_SUBSET", "Split", "load_binarized_mnist", "load_digits", "load_mnist_subset",
+    "pack_mnist_subset",
+]
+
+#: file name of the packaged subset, in ``pyro_wakesleep/examples/data/``
+MNIST_SUBSET = "binarized_mnist_subset.npz"
 
 
 class Split(NamedTuple):
@@ -68,3 +78,52 @@ def load_binarized_mnist(path: str | os.PathLike, split: str = "train") -> Tenso
             f"got {packed.dtype} {packed.shape}"
         )
     return torch.from_numpy(np.unpackbits(packed, axis=1)[:, :784].astype(np.float32))
+
+
+def _unpack(packed: np.ndarray, what: str) -> Tensor:
+    if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != 98:
+        raise ValueError(f"{what} must be uint8 of shape (n, 98), got {packed.dtype} "
+                         f"{packed.shape}")
+    return torch.from_numpy(np.unpackbits(packed, axis=1)[:, :784].astype(np.float32))
+
+
+def load_mnist_subset() -> Split:
+    """The binarized MNIST subset that ships inside this package: 8,000 images of the
+    standard training split and 500 of the test split (Larochelle & Murray, 2011), chosen
+    at random (seed 0) by :func:`pack_mnist_subset`; their indices in the full splits are
+    stored beside them (``train_index``, ``test_index``).
+
+    :return: :class:`Split` of ``(8000, 784)`` and ``(500, 784)`` float tensors of 0/1.
+    """
+    source = resources.files("pyro_wakesleep.examples").joinpath("data", MNIST_SUBSET)
+    with source.open("rb") as f, np.load(f) as archive:
+        return Split(train=_unpack(archive["train"], f"{MNIST_SUBSET}['train']"),
+                     test=_unpack(archive["test"], f"{MNIST_SUBSET}['test']"))
+
+
+def pack_mnist_subset(source: str | os.PathLike, out: str | os.PathLike,
+                      num_train: int = 8000, num_test: int = 500, seed: int = 0) -> None:
+    """Writes a random subset of a binarized MNIST ``.npz`` (the layout that
+    :func:`load_binarized_mnist` reads), bit-packed and compressed, as
+    :func:`load_mnist_subset` reads it: ``num_train`` images of ``train`` and ``num_test``
+    of ``test``, drawn without replacement (seed ``seed``) and kept in their original
+    order, with their indices.
+
+    :param source: the full ``.npz``.
+    :param out: the file to write.
+    :param int num_train: images taken from ``train``.
+    :param int num_test: images taken from ``test``.
+    :param int seed: seed of the draw.
+    """
+    rng = np.random.default_rng(seed)
+    with np.load(source) as archive:
+        train, test = archive["train"], archive["test"]
+    for name, packed, n in (("train", train, num_train), ("test", test, num_test)):
+        _unpack(packed[:1], f"{os.fspath(source)!r}[{name!r}]")
+        if not 0 < n <= len(packed):
+            raise ValueError(f"num_{name} must lie in [1, {len(packed)}], got {n}")
+    train_index = np.sort(rng.choice(len(train), num_train, replace=False))
+    test_index = np.sort(rng.choice(len(test), num_test, replace=False))
+    np.savez_compressed(out, train=train[train_index], test=test[test_index],
+                        train_index=train_index.astype(np.int32),
+                        test_index=test_index.astype(np.int32))

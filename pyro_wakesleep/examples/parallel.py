@@ -2,13 +2,11 @@
 
 :func:`compare_data_parallel` (``pyro-wakesleep compare --devices N``) starts the
 processes and runs :func:`~pyro_wakesleep.examples.compare.compare` on every rank of the
-process group they form; :func:`data_parallel_objectives` names the objectives that can
-run so. The in-process-group helpers used by
-:func:`~pyro_wakesleep.examples.compare.compare` itself (when called on every rank of an
-initialized ``torch.distributed`` process group, e.g. under ``torchrun``) live here too:
-each objective is trained with :class:`~torch.nn.parallel.DistributedDataParallel`, every
-rank on its shard of the same global batch (a :class:`~torch.utils.data.DistributedSampler`)
-and with its own draws.
+process group they form;
+:func:`~pyro_wakesleep.examples.contenders.data_parallel_objectives` names the objectives
+that can run so, and :class:`~pyro_wakesleep.examples.contenders.Contender` takes their
+data-parallel steps (this module imports :mod:`~pyro_wakesleep.examples.compare`, never
+the other way round).
 """
 
 from __future__ import annotations
@@ -19,67 +17,23 @@ import json
 import os
 import socket
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from pyro.infer import ELBO
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 
-from pyro_wakesleep.distributed import _rank_and_world
-from pyro_wakesleep.examples.compare import OBJECTIVES, Result, _check, compare
-from pyro_wakesleep.examples.models import SigmoidBeliefNet
-from pyro_wakesleep.training import fit
+from pyro_wakesleep.examples.compare import Result, _check, compare
+from pyro_wakesleep.examples.contenders import (
+    DEFAULT_OBJECTIVES,
+    check_data_parallel,
+    data_parallel_objectives,
+)
 
-__all__ = ["compare_data_parallel", "data_parallel_objectives"]
-
-
-def data_parallel_objectives(objectives: Sequence[str] = tuple(OBJECTIVES)) -> list[str]:
-    """The names among ``objectives`` that can be trained data-parallel: those whose loss
-    has a ``differentiable_loss`` (every objective of this package; not Pyro's
-    ``TraceGraph_ELBO``), so that ``loss(model, guide)`` is a module that
-    :class:`~torch.nn.parallel.DistributedDataParallel` can wrap.
-
-    :param objectives: names from :data:`~pyro_wakesleep.examples.compare.OBJECTIVES`.
-    :rtype: list[str]
-    """
-    net = SigmoidBeliefNet((2, 1))
-    return [name for name in objectives if name in OBJECTIVES and callable(
-        getattr(OBJECTIVES[name](2, net)[0], "differentiable_loss", None))]
-
-
-def _check_data_parallel(objectives: Sequence[str], devices: int, batch_size: int) -> None:
-    ok = data_parallel_objectives(objectives)
-    refused = [name for name in objectives if name not in ok]
-    if refused:
-        raise ValueError(f"objective(s) {refused} have no differentiable_loss and cannot be "
-                         f"trained data-parallel; choose from {ok or data_parallel_objectives()}")
-    if batch_size % devices:
-        raise ValueError(f"batch_size={batch_size} must be a multiple of devices={devices} "
-                         "(the global batch is split evenly over the ranks)")
-
-
-def _train_shard(net: SigmoidBeliefNet, loss: ELBO, guide: Callable, train: Tensor,
-                 steps: int, batch_size: int, learning_rate: float, seed: int,
-                 **options: Any) -> Any:
-    """fit() with DDP around ``loss(model, guide)`` on this rank's shard of every global
-    batch of ``batch_size``."""
-    rank, world = _rank_and_world()
-    per_rank = batch_size // world
-    sampler: DistributedSampler[int] = DistributedSampler(
-        train, world, rank, shuffle=True, seed=seed, drop_last=True)  # type: ignore[arg-type]
-    shard: DataLoader[Tensor] = DataLoader(
-        train, per_rank, sampler=sampler, drop_last=True)  # type: ignore[arg-type]
-    module: Any = loss(net.model, guide)  # type: ignore[arg-type]  # an ObjectiveModule
-    module.initialize(train[:per_rank])  # lazily built control variates exist before DDP
-    ddp = DistributedDataParallel(module)
-    optimizer = torch.optim.Adam(module.parameters(), lr=learning_rate)
-    return fit(ddp, shard, steps, optimizer=optimizer, **options)
+__all__ = ["compare_data_parallel"]
 
 
 def _free_port() -> int:
@@ -124,8 +78,11 @@ def compare_data_parallel(
 
     :param torch.Tensor train: training images, ``(n, D)`` of 0/1.
     :param torch.Tensor test: held-out images.
-    :param objectives: names from :data:`~pyro_wakesleep.examples.compare.OBJECTIVES` that
-        :func:`data_parallel_objectives` accepts (default: all of them).
+    :param objectives: names from
+        :data:`~pyro_wakesleep.examples.contenders.OBJECTIVES` that
+        :func:`~pyro_wakesleep.examples.contenders.data_parallel_objectives` accepts
+        (default: those of
+        :data:`~pyro_wakesleep.examples.contenders.DEFAULT_OBJECTIVES`).
     :param int devices: the number of processes, at least 2.
     :param str backend: ``"gloo"`` or ``"nccl"``; by default as above.
     :param options: the keyword arguments of
@@ -148,13 +105,14 @@ def compare_data_parallel(
                          f"{torch.cuda.device_count()}")
     if not (dist.is_available() and (backend == "nccl" or dist.is_gloo_available())):
         raise RuntimeError(f"torch.distributed with {backend} is not available here")
-    names = list(data_parallel_objectives() if objectives is None else objectives)
+    names = list(data_parallel_objectives(DEFAULT_OBJECTIVES) if objectives is None
+                 else objectives)
     bound = inspect.signature(compare).bind(train, test, names, **options)  # TypeError
     bound.apply_defaults()
     a = bound.arguments
-    _check(names, a["steps"], a["num_particles"], a["batch_size"], a["grad_draws"], train,
-           test)
-    _check_data_parallel(names, devices, a["batch_size"])
+    _check(names, a["seconds"], a["steps"], a["rounds"], a["evaluations"], a["num_particles"],
+           a["batch_size"], a["grad_draws"], a["eval_particles"], train, test)
+    check_data_parallel(names, devices, a["batch_size"])
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
         try:
