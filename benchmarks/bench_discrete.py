@@ -5,6 +5,9 @@ Sigmoid belief nets on binarized MNIST as in the RELAX paper's Table 1 (linear, 
 
 * ``VimcoELBO`` with K = 2, 5, 10 (the importance-weighted bound, VIMCO baselines);
 * ``DisarmELBO`` (and its ARM variant) with one antithetic group per step;
+* ARMS (``DisarmELBO(4, "arms")``: 4 copula-correlated draws per layer, 1 + 3 x layers
+  evaluations) beside DisARM with two independent groups and RLOO at ARMS's number of
+  evaluations;
 * RLOO: ``ScoreFunctionELBO`` with ``LeaveOneOutBaseline`` at the same number of model
   evaluations per step as DisARM (1 + number of layers), and again at REBAR's
   (1 + 2 x number of layers);
@@ -29,7 +32,10 @@ baseline state there). NVIL's variance
 normalization divides its gradient by a running scale, which lowers its figure by that
 factor.
 
-Run: ``python benchmarks/bench_discrete.py --seconds 10``
+Run: ``python benchmarks/bench_discrete.py --seconds 10``; ``--toy`` prints instead the
+ARMS paper's toy, :math:`\\mathbb E[(b - t)^2]` with :math:`t = 0.499`: exact gradient
+variances of ARMS, DisARM and RLOO at equal evaluations, and ARMS's measured through
+``DisarmELBO``.
 """
 
 from __future__ import annotations
@@ -83,6 +89,13 @@ ESTIMATORS: dict[str, Factory] = {
     "RLOO": lambda net: (
         ScoreFunctionELBO(1 + net.num_layers, CONTROL_VARIATES["loo"](), max_plate_nesting=1),
         net.guide, 1 + net.num_layers),
+    "ARMS n=4": lambda net: (
+        DisarmELBO(4, "arms", max_plate_nesting=1), net.guide, 1 + 3 * net.num_layers),
+    "DisARM x2 groups": lambda net: (
+        DisarmELBO(2, max_plate_nesting=1), net.guide, 2 * (1 + net.num_layers)),
+    "RLOO @ ARMS n=4 evals": lambda net: (
+        ScoreFunctionELBO(1 + 3 * net.num_layers, CONTROL_VARIATES["loo"](),
+                          max_plate_nesting=1), net.guide, 1 + 3 * net.num_layers),
     "RLOO @ REBAR evals": lambda net: (
         ScoreFunctionELBO(1 + 2 * net.num_layers, CONTROL_VARIATES["loo"](),
                           max_plate_nesting=1), net.guide, 1 + 2 * net.num_layers),
@@ -222,6 +235,72 @@ def table(rows: list[Row], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def toy_table(t: float = 0.499, copies: int = 20_000, seed: int = 0) -> str:
+    """The ARMS toy: per number of evaluations ``n`` and guide probability ``p``, the exact
+    variance of one gradient draw of :math:`\\mathbb E_{b \\sim \\mathrm{Bern}(p)}[(b -
+    t)^2]` with respect to the logit for ARMS (``n`` copula draws), DisARM (``n / 2``
+    pairs) and RLOO (``n`` independent draws), from the exact law of the draws
+    (:func:`~pyro_wakesleep.antithetic.copula_pattern_law`); and ARMS's variance measured
+    through ``DisarmELBO(n, "arms")`` over ``copies`` independent copies."""
+    import itertools
+    import math
+
+    from pyro_wakesleep.antithetic import arms_gradient, copula_pattern_law
+
+    def exact(logit: Tensor, n: int, copula: bool) -> float:
+        if copula:
+            patterns, probs = copula_pattern_law(logit, n)
+            values = patterns.T.unsqueeze(-1)
+            g = arms_gradient((values - t).pow(2), values, logit)[:, 0]
+            probs = probs[:, 0]
+        else:
+            patterns = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)),
+                                    dtype=torch.float64)
+            p = torch.sigmoid(logit)
+            probs = p**patterns.sum(-1) * (1 - p) ** (n - patterns.sum(-1))
+            f = (patterns - t).pow(2)
+            g = ((f - f.mean(-1, keepdim=True)) * (patterns - p)).sum(-1) / (n - 1)
+        mean = (probs * g).sum()
+        return ((probs * g * g).sum() - mean**2).item()
+
+    def measured(logit: float, n: int) -> float:
+        pyro.clear_param_store()
+        theta = pyro.param("theta", torch.full((copies,), logit)).unconstrained()
+
+        def model() -> None:
+            with pyro.plate("copies", copies):
+                b = pyro.sample("b", pyro.distributions.Bernoulli(
+                    logits=pyro.param("theta").detach()))
+                pyro.factor("cost", -(b - t) ** 2)
+
+        def guide() -> None:
+            with pyro.plate("copies", copies):
+                pyro.sample("b", pyro.distributions.Bernoulli(logits=pyro.param("theta")))
+
+        pyro.set_rng_seed(seed)
+        loss = DisarmELBO(n, "arms").differentiable_loss(model, guide)
+        (grad,) = torch.autograd.grad(loss, [theta])
+        return grad.double().var().item()
+
+    lines = [
+        f"t = {t}; variance of one gradient draw (w.r.t. the logit) at n evaluations; "
+        f"ARMS measured over {copies:,} copies through `DisarmELBO(n, \"arms\")`.",
+        "",
+        "| n | p | ARMS (exact) | ARMS (measured) | DisARM, n/2 pairs | RLOO, n draws |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in (2, 4, 6, 8, 10):
+        for p in (0.1, 0.3, 0.45, 0.5, 0.7, 0.9):
+            logit = math.log(p / (1 - p))
+            tensor = torch.tensor([logit], dtype=torch.float64)
+            arms = exact(tensor, n, True)
+            disarm = exact(tensor, 2, True) / (n / 2)
+            rloo = exact(tensor, n, False)
+            lines.append(f"| {n} | {p:g} | {arms:.3g} | {measured(logit, n):.3g} | "
+                         f"{disarm:.3g} | {rloo:.3g} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="../shared/data/binarized_mnist.npz")
@@ -235,8 +314,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", default="1,2", help="comma-separated: 1 and/or 2")
     parser.add_argument("--estimators", default=",".join(ESTIMATORS))
+    parser.add_argument("--toy", action="store_true",
+                        help="print the ARMS toy table (exact and measured) and exit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.toy:
+        print(toy_table(seed=args.seed))
+        return
     data = load_binarized_mnist(args.data, "train")
     subset = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[:1000]]
     names = [n.strip() for n in args.estimators.split(",")]

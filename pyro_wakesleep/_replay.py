@@ -19,10 +19,10 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
-import pyro.poutine as poutine
 import torch
+from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
@@ -83,6 +83,33 @@ def warn_if_no_pathwise_site(
         )
 
 
+class _ReplayDraws(ReplayMessenger):
+    """:class:`~pyro.poutine.replay_messenger.ReplayMessenger` that keeps the prior a
+    messenger guide has recorded for the running site (see :func:`replay_draws`)."""
+
+    def _pyro_sample(self, msg: Any) -> None:
+        running = msg["infer"]
+        super()._pyro_sample(msg)
+        if msg["infer"] is not running and running and "prior" in running:
+            msg["infer"] = {**msg["infer"], "prior": running["prior"]}
+
+
+def replay_draws(fn: Callable, trace: Trace) -> Callable:
+    """:func:`pyro.poutine.replay` of ``fn`` against the draws of ``trace``, for guides
+    too that run the model inside themselves (Pyro's messenger autoguides,
+    :class:`~pyro.poutine.guide.GuideMessenger`).
+
+    Such a guide records each latent site's prior in ``infer["prior"]`` before the
+    replay sees the site, and reads it back after (to batch it as the site, and to form
+    its model trace). ``poutine.replay`` puts the traced run's ``infer`` in the site's
+    place, whose prior is another run's, batched by plates that do not batch replayed
+    sites, and shared with that trace, which the guide would then change. Here the site
+    gets a new ``infer``: the traced one with the running prior. Sites without a recorded
+    prior are replayed exactly as by ``poutine.replay``.
+    """
+    return _ReplayDraws(trace=trace)(fn)
+
+
 def replay_stopped(
     particles: Particles, model: Callable, guide: Callable, args: tuple, kwargs: dict
 ) -> Particles:
@@ -110,7 +137,7 @@ def replay_stopped(
                     value=value.detach() if isinstance(value, Tensor) else value,
                 )
         runs.append(run_particles(
-            model, poutine.replay(guide, trace=stopped), args, kwargs,
+            model, replay_draws(guide, stopped), args, kwargs,
             num_particles=particles.num_particles if particles.vectorized else 1,
             vectorize=particles.vectorized, max_plate_nesting=particles.max_plate_nesting,
             pyro_checks=False,

@@ -51,6 +51,7 @@ __all__ = ["Dataflow", "Read", "TrackDraws", "call_site", "sequential_frames"]
 _ATTR = "_pyro_wakesleep_provenance"
 _KEYS = itertools.count(1)
 _ACTIVE: set[int] = set()  # the keys of the flows entered and not yet left
+_KINDS: dict[Any, int] = {}  # torch function -> how the mode treats it (see Dataflow._kind)
 _PLAIN = 0
 _METADATA = 1
 _READ = 2
@@ -216,7 +217,6 @@ class Dataflow(TorchFunctionMode):
         self.random = random
         #: every read made so far, in order
         self.reads: list[Read] = []
-        self._kinds: dict[Any, int] = {}
         # control: labels read so far, globally and per sequential plate iteration
         self._control = 0
         self._by_iteration: dict[tuple[str, int], int] = {}
@@ -337,7 +337,7 @@ class Dataflow(TorchFunctionMode):
 
     # -- the mode ------------------------------------------------------------------------
     def _kind(self, func: Any) -> int:
-        kind = self._kinds.get(func)
+        kind = _KINDS.get(func)
         if kind is None:
             name = getattr(func, "__name__", "") or ""
             bare = name.lstrip("_")
@@ -355,13 +355,13 @@ class Dataflow(TorchFunctionMode):
                 kind = _INPLACE
             else:
                 kind = _PLAIN
-            self._kinds[func] = kind
+            _KINDS[func] = kind
         return kind
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         result = func(*args, **kwargs) if kwargs else func(*args)
-        kind = self._kinds.get(func)
+        kind = _KINDS.get(func)
         if kind is None:
             kind = self._kind(func)
         if kind == _METADATA and not isinstance(result, _TENSOR_OR_SEQ):

@@ -232,9 +232,11 @@ def test_unbiased_on_categorical_site(one_hot):
     assert (exact[8:].abs() > 3 * se[8:]).sum() >= 5
 
 
-def test_unbiased_through_a_reparameterized_site_upstream():
-    """Guide z ~ N(m(x), s) (pathwise), b | z ~ Bern(a0 + a1 z) (DisARM): the gradient of
-    b's logits flows into m and s. Exact ELBO by Gauss-Hermite quadrature over z."""
+@pytest.mark.parametrize("estimator,k", [("disarm", 1), ("arms", 4)])
+def test_unbiased_through_a_reparameterized_site_upstream(estimator, k):
+    """Guide z ~ N(m(x), s) (pathwise), b | z ~ Bern(a0 + a1 z) (DisARM, or ARMS with
+    k correlated draws sharing z): the gradient of b's logits flows into m and s. Exact
+    ELBO by Gauss-Hermite quadrature over z."""
     params = params_of({"m": torch.tensor([0.2, 0.5]), "log_s": torch.tensor(-0.3),
                         "a": torch.tensor([0.3, 1.2]), "w": torch.tensor([0.8, 1.5])})
 
@@ -266,7 +268,7 @@ def test_unbiased_through_a_reparameterized_site_upstream():
                  - dist.Normal(m[0] + m[1] * x, s).log_prob(z) - log_q_b)
             total = total + (weights * log_q_b.exp() * f).sum()
     exact = -300 * flat_grad(total, params)
-    samples = draws(DisarmELBO(), model, guide, params, XS.repeat(300))
+    samples = draws(DisarmELBO(k, estimator), model, guide, params, XS.repeat(300))
     se = assert_unbiased(samples, exact, atol=1e-5)
     assert (exact.abs() > 3 * se).sum() >= 5
 

@@ -25,6 +25,7 @@ from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.util import check_site_shape
 from torch import Tensor
 
+from pyro_wakesleep._replay import replay_draws
 from pyro_wakesleep._validation import check_finite
 from pyro_wakesleep.traces import is_auxiliary, is_sample, latent_sites
 
@@ -209,7 +210,7 @@ def sleep_log_q(
     if num_dreams > 1:
         fn = pyro.plate(DREAM_PLATE, num_dreams, dim=-(int(max_plate_nesting) + 1))(fn)
     try:
-        guide_trace = poutine.trace(poutine.replay(fn, trace=dream_trace)).get_trace(
+        guide_trace = poutine.trace(replay_draws(fn, dream_trace)).get_trace(
             *guide_args, **guide_kwargs
         )
     except (RuntimeError, ValueError, IndexError, TypeError) as err:

@@ -1,17 +1,17 @@
-"""DisARM and ARM: antithetic gradients for Bernoulli and categorical guide sites."""
+"""DisARM, ARM and ARMS: antithetic gradients for Bernoulli and categorical guide sites."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
-import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 from torch.distributions import Bernoulli, Categorical, Independent, OneHotCategorical
 
+from pyro_wakesleep._replay import replay_draws
 from pyro_wakesleep._validation import check_finite
 from pyro_wakesleep.antithetic import (
     antithetic_value,
@@ -23,6 +23,7 @@ from pyro_wakesleep.antithetic import (
     stick_breaking_value,
 )
 from pyro_wakesleep.downstream import learning_signals
+from pyro_wakesleep.objectives._arms import arms_step
 from pyro_wakesleep.objectives.base import Objective
 from pyro_wakesleep.particles import (
     Particles,
@@ -35,7 +36,7 @@ from pyro_wakesleep.particles import (
 
 __all__ = ["DisarmELBO"]
 
-Estimator = Literal["disarm", "arm"]
+Estimator = Literal["disarm", "arm", "arms"]
 
 
 class _Binary(NamedTuple):
@@ -53,7 +54,7 @@ class _Binary(NamedTuple):
 
 
 class DisarmELBO(Objective):
-    """The ELBO with antithetic (DisARM or ARM) gradients for discrete guide sites.
+    """The ELBO with antithetic (DisARM, ARM or ARMS) gradients for discrete guide sites.
 
     For a Bernoulli guide site with logits :math:`\\alpha` the guide's draw :math:`b` is
     paired with its antithetic draw :math:`\\tilde b` (same uniform noise :math:`u`,
@@ -81,6 +82,30 @@ class DisarmELBO(Objective):
     layers' expected ELBO is the function being differentiated, which keeps every
     layer's estimate unbiased. The guide draws :math:`b` as usual; the noise :math:`u`
     is drawn afterwards from its law given :math:`b`, which gives the same joint law.
+
+    With ``estimator="arms"`` (Dimitriev & Zhou, 2021) ``num_particles`` is the size
+    :math:`n \\ge 2` of one group of *correlated* draws: the guide's draw
+    :math:`b_1` and :math:`n - 1` more whose uniform noises are exchangeable and
+    negatively correlated under a Dirichlet copula
+    (:func:`~pyro_wakesleep.antithetic.copula_noise`), put on the side of each unit's
+    rarer outcome. Each of the :math:`n` is marginally a draw from the guide, and the
+    leave-one-out estimate is corrected for their correlation :math:`\\rho_{ij} < 0`:
+
+    .. math::
+
+        \\hat g_{ij} = \\frac{1}{(n - 1)(1 - \\rho_{ij})} \\sum_{k=1}^n
+            \\Big(f_i(b_k) - \\frac1n \\sum_{l=1}^n f_i(b_l)\\Big)
+            \\big(b_{k,ij} - \\sigma(\\alpha_{ij})\\big)
+
+    (:func:`~pyro_wakesleep.antithetic.arms_gradient`), unbiased for
+    :math:`\\nabla_{\\alpha_{ij}} \\mathbb E[f_i(b)]`; for :math:`n = 2` it is
+    DisARM exactly, draw for draw. Site :math:`s`'s draws :math:`b_2, \\ldots, b_n` come
+    from :math:`n - 1` runs that replay the sites before :math:`s` from the main run (one
+    vectorized pass, or one run each with ``vectorize_particles=False``), so a step costs
+    :math:`1 + S(n - 1)` runs, and the weights below become
+    :math:`c_s = 1/(1 + (n - 1)(S + \\tilde S_s)/2)` per extra run. Later layers'
+    gradients condition on the main run's draws upstream (one group per step); a guide
+    without discrete sites gets the main run only.
 
     A categorical site (``Categorical`` or ``OneHotCategorical``) is written as a chain
     of binary decisions "is :math:`z = j` given :math:`z \\ge j`" with logits
@@ -116,12 +141,15 @@ class DisarmELBO(Objective):
     any subsampling), comparable with
     :class:`~pyro_wakesleep.objectives.ScoreFunctionELBO`'s. There is no running state.
 
-    :param int num_particles: independent antithetic groups :math:`K` per step.
-    :param str estimator: ``"disarm"`` (default) or ``"arm"``.
+    :param int num_particles: independent antithetic groups :math:`K` per step
+        (``"disarm"``, ``"arm"``), or the correlated draws :math:`n \\ge 2` of the one
+        group (``"arms"``).
+    :param str estimator: ``"disarm"`` (default), ``"arm"`` or ``"arms"``.
     :param options: the keywords of :class:`pyro.infer.ELBO` (``max_plate_nesting``,
         ``vectorize_particles``, ``strict_enumeration_warning``, ``retain_graph``, ...),
         with the meaning :class:`~pyro_wakesleep.objectives.Objective` gives them.
-    :raises ValueError: for an unknown ``estimator``; at a step, for a guide site that is
+    :raises ValueError: for an unknown ``estimator``, or ``"arms"`` with fewer than 2
+        particles; at a step, for a guide site that is
         neither reparameterizable nor Bernoulli/categorical (naming it).
     """
 
@@ -132,15 +160,24 @@ class DisarmELBO(Objective):
         **options: Any,
     ) -> None:
         super().__init__(num_particles, **options)
-        if estimator not in ("disarm", "arm"):
-            raise ValueError(f"estimator must be 'disarm' or 'arm', got {estimator!r}")
+        if estimator not in ("disarm", "arm", "arms"):
+            raise ValueError(f"estimator must be 'disarm', 'arm' or 'arms', got {estimator!r}")
+        if estimator == "arms" and self.num_particles < 2:
+            raise ValueError(
+                "estimator='arms' needs num_particles >= 2 (the correlated draws of its one "
+                f"group), got num_particles={self.num_particles}"
+            )
         self.estimator: Estimator = estimator
 
     def loss_and_surrogate(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
     ) -> tuple[Tensor, Tensor]:
+        if self.estimator == "arms":
+            elbo, surrogate = arms_step(self, model, guide, args, kwargs,
+                                        _elbo_and_pathwise, _num_discrete)
+            return -elbo.detach(), -surrogate
         elbo = surrogate = torch.zeros(())
-        for main in self.runs(model, guide, args, kwargs):
+        for main in self.runs(model, guide, args, kwargs, track=True):
             group_elbo, group_surrogate = self._group(model, guide, args, kwargs, main)
             elbo, surrogate = elbo + group_elbo, surrogate + group_surrogate
         k = self.num_particles
@@ -192,9 +229,9 @@ class DisarmELBO(Objective):
             if name == site:
                 break
         return run_particles(
-            model, poutine.replay(guide, trace=partial), args, kwargs,
+            model, replay_draws(guide, partial), args, kwargs,
             num_particles=main.num_particles, vectorize=main.vectorized,
-            max_plate_nesting=main.max_plate_nesting, pyro_checks=False,
+            max_plate_nesting=main.max_plate_nesting, pyro_checks=False, track=True,
         )
 
     def _gradient(self, name: str, f: Tensor, f_anti: Tensor, view: _Binary) -> Tensor:
