@@ -19,6 +19,7 @@ from pyro_wakesleep.objectives import (
     VimcoELBO,
     WakeSleepELBO,
 )
+from pyro_wakesleep.relaxed_sites import RelaxedSite, relax, relaxed
 from pyro_wakesleep.training import StepInfo, fit
 
 __version__ = "0.1.0.dev0"
@@ -34,6 +35,7 @@ __all__ = [
     "ObjectiveModule",
     "RebarELBO",
     "RelaxELBO",
+    "RelaxedSite",
     "ReweightedWakeSleepELBO",
     "ScoreFunctionELBO",
     "StepInfo",
@@ -42,4 +44,6 @@ __all__ = [
     "WakeSleepELBO",
     "__version__",
     "fit",
+    "relax",
+    "relaxed",
 ]

@@ -29,8 +29,14 @@ from torch import Tensor
 __all__ = [
     "conditional_gumbel",
     "conditional_logistic",
+    "gumbel_rao",
+    "one_hot_of",
+    "reinmax",
     "relaxed_bernoulli",
     "relaxed_one_hot",
+    "replace_gradient",
+    "straight_through",
+    "straight_through_gumbel_softmax",
     "through_noise",
 ]
 
@@ -91,7 +97,7 @@ def conditional_gumbel(index: Tensor, logits: Tensor, v: Tensor) -> Tensor:
     """
     log_theta = torch.log_softmax(logits, -1)
     log_v = torch.log(_uniform(v))
-    one_hot = F.one_hot(index.long(), logits.shape[-1]).to(logits.dtype)
+    one_hot = one_hot_of(index, logits.shape[-1], logits.dtype)
     log_v_b = (log_v * one_hot).sum(-1, keepdim=True)
     top = -torch.log(-log_v_b)
     # -log(-log v_k / theta_k - log v_b), with -log v_k / theta_k = e^{log(-log v_k) - log theta_k}
@@ -132,3 +138,141 @@ def relaxed_one_hot(z: Tensor, temperature: Tensor | float) -> Tensor:
     :rtype: torch.Tensor
     """
     return torch.softmax(z / temperature, -1)
+
+
+# -- straight-through estimators of discrete sites (relaxed_sites) -----------------------
+# Each returns the hard one-hot draw ``b`` as its value, with a surrogate gradient: the
+# value is exactly ``b`` (``s - s.detach()`` is exactly zero) and the gradient is that of
+# the surrogate ``s``. They are *biased* estimators of the gradient of E_q[f(b)].
+
+
+def one_hot_of(index: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """The one-hot encoding of ``index`` by comparison (no read of its values into
+    Python, unlike :func:`torch.nn.functional.one_hot`, so it records for ``jit=True``)."""
+    classes = torch.arange(num_classes, device=index.device)
+    return (index.unsqueeze(-1) == classes).to(dtype)
+
+
+def replace_gradient(value: Tensor, surrogate: Tensor) -> Tensor:
+    """``value`` with the gradient of ``surrogate``:
+    :math:`b + s - \\bot(s)`, with :math:`\\bot` the stop-gradient.
+
+    :param torch.Tensor value: the forward value :math:`b`.
+    :param torch.Tensor surrogate: :math:`s`, broadcastable to ``value``.
+    :rtype: torch.Tensor
+    """
+    return value + (surrogate - surrogate.detach())
+
+
+def straight_through(one_hot: Tensor, logits: Tensor, temperature: Tensor | float) -> Tensor:
+    """The straight-through estimator (Bengio, Léonard & Courville, 2013, *Estimating or
+    propagating gradients through stochastic neurons*): the draw :math:`b \\sim
+    \\mathrm{Cat}(\\mathrm{softmax}(\\ell))` forward, the gradient of the probabilities
+    backward,
+
+    .. math::
+
+        \\hat\\nabla_\\ell f = \\frac{\\partial\\,\\mathrm{softmax}(\\ell/\\lambda)}
+            {\\partial \\ell}^{\\!\\top} \\nabla_b f(b).
+
+    Biased in general; at :math:`\\lambda = 1` it is unbiased exactly when :math:`f` is
+    linear in :math:`b` (then :math:`\\mathbb E[\\nabla_b f] \\cdot \\partial\\theta/\\partial\\ell
+    = \\nabla_\\ell\\, \\mathbb E[f(b)]`).
+
+    :param torch.Tensor one_hot: the draw :math:`b`, classes in the last dimension.
+    :param torch.Tensor logits: :math:`\\ell`, broadcastable to ``one_hot``.
+    :param temperature: :math:`\\lambda > 0`.
+    :return: :math:`b` with the surrogate gradient.
+    """
+    return replace_gradient(one_hot, torch.softmax(logits / temperature, -1))
+
+
+def straight_through_gumbel_softmax(
+    gumbel: Tensor, logits: Tensor, temperature: Tensor | float
+) -> Tensor:
+    """The straight-through Gumbel-softmax estimator (Jang, Gu & Poole, 2017,
+    *Categorical reparameterization with Gumbel-softmax*, ICLR; Maddison, Mnih & Teh, 2017,
+    *The concrete distribution*, ICLR): with Gumbel noise :math:`g`, the draw
+    :math:`b = \\mathrm{onehot}(\\arg\\max_k(\\ell_k + g_k))` forward and the concrete
+    relaxation's gradient backward,
+
+    .. math::
+
+        \\hat\\nabla_\\ell f = \\frac{\\partial\\,\\mathrm{softmax}((\\ell + g)/\\lambda)}
+            {\\partial \\ell}^{\\!\\top} \\nabla_b f(b),
+
+    biased for every :math:`\\lambda > 0`.
+
+    :param torch.Tensor gumbel: the noise :math:`g` (standard Gumbel), broadcast shape.
+    :param torch.Tensor logits: :math:`\\ell`, classes in the last dimension.
+    :param temperature: :math:`\\lambda > 0`.
+    :return: :math:`b` with the surrogate gradient.
+    """
+    z = logits + gumbel
+    hard = one_hot_of(z.argmax(-1), z.shape[-1], z.dtype)
+    return replace_gradient(hard, relaxed_one_hot(z, temperature))
+
+
+def _softmax_vjp_surrogate(pi: Tensor, logits: Tensor) -> Tensor:
+    """A zero-valued tensor whose gradient in ``logits`` is the softmax Jacobian at the
+    (held) probabilities ``pi``: :math:`(\\mathrm{diag}\\,\\pi - \\pi\\pi^\\top)\\,\\delta`."""
+    delta = logits - logits.detach()
+    pi = pi.detach()
+    return pi * delta - pi * (pi * delta).sum(-1, keepdim=True)
+
+
+def reinmax(one_hot: Tensor, logits: Tensor, temperature: Tensor | float) -> Tensor:
+    """ReinMax (Liu, Zhao, Chen, Gao & He, 2023, *Bridging discrete and backpropagation:
+    straight-through and beyond*, NeurIPS, Algorithm 2), a second-order (Heun's method)
+    straight-through estimator: with :math:`\\pi_0 = \\mathrm{softmax}(\\ell)`,
+    :math:`\\pi_1 = \\tfrac12(b + \\mathrm{softmax}(\\ell/\\lambda))` and
+    :math:`J(\\pi) = \\mathrm{diag}\\,\\pi - \\pi\\pi^\\top`,
+
+    .. math::
+
+        \\hat\\nabla_\\ell f = \\big(2 J(\\pi_1) - \\tfrac12 J(\\pi_0)\\big)\\,\\nabla_b f(b).
+
+    Biased, but exact to second order: unbiased at :math:`\\lambda = 1` when :math:`f` is
+    quadratic in :math:`b` for two classes (a Bernoulli site), the case of the paper's
+    Theorem (straight-through is first order only).
+
+    :param torch.Tensor one_hot: the draw :math:`b \\sim \\mathrm{Cat}(\\pi_0)`.
+    :param torch.Tensor logits: :math:`\\ell`, broadcastable to ``one_hot``.
+    :param temperature: :math:`\\lambda > 0`.
+    :return: :math:`b` with the surrogate gradient.
+    """
+    pi0 = torch.softmax(logits, -1)
+    pi1 = 0.5 * (one_hot + torch.softmax(logits / temperature, -1))
+    return one_hot + 2.0 * _softmax_vjp_surrogate(pi1, logits) - 0.5 * _softmax_vjp_surrogate(
+        pi0, logits
+    )
+
+
+def gumbel_rao(
+    one_hot: Tensor, logits: Tensor, v: Tensor, temperature: Tensor | float
+) -> Tensor:
+    """The Gumbel-Rao estimator (Paulus, Maddison & Krause, 2021, *Rao-Blackwellizing the
+    straight-through Gumbel-softmax gradient estimator*, ICLR): the straight-through
+    Gumbel-softmax gradient averaged over :math:`K` Gumbel perturbations drawn *given*
+    the draw :math:`b` (:func:`conditional_gumbel`, noise held fixed),
+
+    .. math::
+
+        \\hat\\nabla_\\ell f = \\frac1K \\sum_{k=1}^K
+            \\frac{\\partial\\,\\mathrm{softmax}((\\ell + g^{(k)})/\\lambda)}
+            {\\partial \\ell}^{\\!\\top} \\nabla_b f(b), \\qquad
+            g^{(k)} \\sim \\mathrm{Gumbel} \\mid \\arg\\max(\\ell + g) = b.
+
+    Its mean is the straight-through Gumbel-softmax's (so it is exactly as biased), and
+    its variance is no larger (Rao-Blackwell).
+
+    :param torch.Tensor one_hot: the draw :math:`b \\sim \\mathrm{Cat}(\\mathrm{softmax}(\\ell))`.
+    :param torch.Tensor logits: :math:`\\ell`, the shape of ``one_hot``.
+    :param torch.Tensor v: uniform noise, shape ``(K,) + one_hot.shape``.
+    :param temperature: :math:`\\lambda > 0`.
+    :return: :math:`b` with the surrogate gradient.
+    """
+    log_theta = torch.log_softmax(logits, -1)
+    z = conditional_gumbel(one_hot.argmax(-1), log_theta.detach(), v)
+    soft = relaxed_one_hot(through_noise(z, log_theta), temperature).mean(0)
+    return replace_gradient(one_hot, soft)
