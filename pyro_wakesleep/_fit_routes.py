@@ -102,6 +102,10 @@ class Route:
         if isinstance(self.trainer, SVI):
             return float(self.trainer.step(*args, **kwargs))
         assert self.optimizer is not None  # the DDP wrapper, if any, averages gradients
+        if self.trainer is self.module and getattr(self.loss, "compiled", None) is not None \
+                and callable(getattr(self.module, "step", None)):
+            # jit=True: the whole step (loss, gradients, update) as one compiled step
+            return float(self.module.step(self.optimizer, *args, **kwargs))
         loss = self.trainer(*args, **kwargs)
         self.optimizer.zero_grad()
         loss.backward()

@@ -45,8 +45,9 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Dataflow", "Read", "TrackDraws", "call_site", "sequential_frames"]
+__all__ = ["Dataflow", "Read", "TrackDraws", "Writes", "call_site", "sequential_frames"]
 
 _ATTR = "_pyro_wakesleep_provenance"
 _KEYS = itertools.count(1)
@@ -451,3 +452,47 @@ class TrackDraws(Messenger):
                 and not site_is_subsample(msg) and name not in self.bits:
             self.bits[name] = len(self.bits)
             self.flow.stamp(value, 1 << self.bits[name])
+
+
+class Writes(TorchDispatchMode):
+    """Notes tensors from outside a program that it writes in place (a ``BatchNorm``'s
+    running statistics), and keeps a copy of each as it was before the first write
+    (:meth:`restore` puts it back): a dispatch-level mode, so every in-place op is seen.
+
+    :param list inputs: tensors that count as the program's own (not noted).
+    """
+
+    def __init__(self, inputs: list[Tensor]) -> None:
+        super().__init__()
+        self._inside = {id(t) for t in inputs}
+        self._created: list[Tensor] = []  # kept alive so that their ids stay unique
+        #: id -> (tensor, its value before the step wrote it)
+        self.written: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        schema = func._schema
+        # native_batch_norm updates its running statistics without saying so in its
+        # schema (no alias annotation): those arguments are taken as written too
+        stats = "batch_norm" in schema.name
+        if schema.is_mutable or stats:
+            for argument, value in zip(schema.arguments, args, strict=False):
+                written = (argument.alias_info is not None and argument.alias_info.is_write) \
+                    or (stats and argument.name in ("running_mean", "running_var"))
+                if written and isinstance(value, Tensor) and id(value) not in self._inside \
+                        and id(value) not in self.written:
+                    self.written[id(value)] = (value, value.detach().clone())
+        result = func(*args, **kwargs)
+        for out in (result if isinstance(result, tuple | list) else (result,)):
+            if isinstance(out, Tensor) and id(out) not in self._inside:
+                self._inside.add(id(out))
+                self._created.append(out)
+        return result
+
+    def restore(self) -> None:
+        """Puts every written tensor back as it was before the step."""
+        with torch.no_grad():
+            for tensor, before in self.written.values():
+                tensor.copy_(before)
+        self._created.clear()

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from pyro_wakesleep._validation import check_finite
+from pyro_wakesleep.enumeration import enumerated_sites
 from pyro_wakesleep.signals import reduce_to_dims
 from pyro_wakesleep.traces import (
     PARTICLE_PLATE,
@@ -88,6 +89,9 @@ class Particles(NamedTuple):
     :param tuple traces: the ``(model_trace, guide_trace)`` pairs behind the tensors
         (one vectorized pair, or one per particle), for what needs the dependency
         structure (:mod:`pyro_wakesleep.downstream`) or a replay.
+    :param tuple enumerated: the sites summed out exactly (:mod:`pyro_wakesleep.enumeration`):
+        model sites inside the contracted factors (sites named ``"_sum[...]"``), then the
+        guide's enumerated sites; empty without enumeration.
     """
 
     sites: dict[str, SiteTensors]
@@ -96,6 +100,7 @@ class Particles(NamedTuple):
     max_plate_nesting: int
     vectorized: bool
     traces: tuple[TracePair, ...]
+    enumerated: tuple[str, ...] = ()
 
     @property
     def particle_dim(self) -> int:
@@ -169,13 +174,15 @@ def _particles(pairs: list[TracePair], nesting: int, vectorized: bool, num: int)
             torch.ones(num, dtype=torch.bool) if vectorized else mask,
             vectorized or all(present),
         )
-    return empty._replace(sites=sites, guide_latents=list(guide_names))
+    summed = dict.fromkeys(n for pair in pairs for n in enumerated_sites(*pair))
+    return empty._replace(sites=sites, guide_latents=list(guide_names), enumerated=tuple(summed))
 
 
 def run_particles(
     model: Callable, guide: Callable, args: tuple, kwargs: dict, *, num_particles: int,
     vectorize: bool, max_plate_nesting: float, detach_guide: bool = False,
     strict_enumeration_warning: bool = True, pyro_checks: bool = True, track: bool = False,
+    enumeration: str | None = None,
 ) -> Particles:
     """``num_particles`` importance traces as :class:`Particles`: one vectorized run
     with the particle plate at ``dim=-(max_plate_nesting + 1)``, or one run per particle
@@ -185,16 +192,19 @@ def run_particles(
     :func:`~pyro_wakesleep.traces.importance_trace` for the checks each run gets, and
     :func:`check_finite_sites` for the one every objective makes of the result. With
     ``track`` the traces carry the dependencies that
-    :func:`~pyro_wakesleep.downstream.learning_signals` needs."""
+    :func:`~pyro_wakesleep.downstream.learning_signals` needs. With ``enumeration``
+    (which needs a finite ``max_plate_nesting``) sites marked for parallel enumeration
+    are summed out (:mod:`pyro_wakesleep.enumeration`)."""
     if vectorize and num_particles > 1:
         nesting = int(max_plate_nesting)
         plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(nesting + 1))
         pair = importance_trace(plate(model), plate(guide), args, kwargs, nesting + 1,
-                                detach_guide, strict_enumeration_warning, pyro_checks, track)
+                                detach_guide, strict_enumeration_warning, pyro_checks, track,
+                                enumeration)
         return _particles([pair], nesting, True, num_particles)
     pairs = [
         importance_trace(model, guide, args, kwargs, max_plate_nesting, detach_guide,
-                         strict_enumeration_warning, pyro_checks, track)
+                         strict_enumeration_warning, pyro_checks, track, enumeration)
         for _ in range(num_particles)
     ]
     finite = max_plate_nesting != float("inf")

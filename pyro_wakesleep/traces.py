@@ -23,7 +23,8 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 from torch import Tensor
 
-from pyro_wakesleep.dataflow import Dataflow, TrackDraws
+from pyro_wakesleep.dataflow import Dataflow, TrackDraws, Writes
+from pyro_wakesleep.enumeration import check_enumeration_marks, is_enumerated, reduce_enumerated
 
 __all__ = [
     "canonical",
@@ -153,10 +154,13 @@ def check_model_guide(model_trace: Trace, guide_trace: Trace) -> None:
                     f"{sizes[frame.name]} in the model at site '{name}'"
                 )
     missing = model_latents - set(latent_sites(guide_trace))
+    missing -= {n for n in missing if is_enumerated(model_trace.nodes[n])}
     if missing:
         raise ValueError(
             f"model latent site(s) {sorted(missing)} have no guide site; the guide must "
-            "sample every latent of the model"
+            "sample every latent of the model (ScoreFunctionELBO, VimcoELBO and "
+            "ReweightedWakeSleepELBO sum out model sites marked "
+            "infer={'enumerate': 'parallel'} instead)"
         )
 
 
@@ -178,19 +182,24 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwarg
     """Runs model and guide once (blocked from the outside world) and returns the deepest
     plate nesting found, as :meth:`pyro.infer.ELBO._guess_max_plate_nesting` does, but
     without consuming the random number stream (so a seeded call gives the same draws
-    whether or not it is the first)."""
-    with torch.random.fork_rng(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+    whether or not it is the first) and without changing any tensor it writes in place
+    (a ``BatchNorm``'s running statistics are put back)."""
+    writes = Writes([])
+    try:
+        with torch.random.fork_rng(), poutine.block(), writes:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+    finally:
+        writes.restore()
     return plate_nesting([(model_trace, guide_trace)])
 
 
 def importance_trace(
     model: Callable, guide: Callable, args: tuple, kwargs: dict, max_plate_nesting: float,
     detach_guide: bool = False, strict_enumeration_warning: bool = True,
-    pyro_checks: bool = True, track: bool = False,
+    pyro_checks: bool = True, track: bool = False, enumeration: str | None = None,
 ) -> TracePair:
     """One guide trace and the model replayed against it, checked, with ``log_prob``
     (scaled and masked), ``log_prob_sum`` and ``unscaled_log_prob`` on every sample site
@@ -202,7 +211,7 @@ def importance_trace(
     between model and guide at a site and a guide ``pyro.factor`` without
     ``has_rsample`` raise ``ValueError``, plates in the guide but not in the model warn
     (:func:`pyro.util.check_model_guide_match`), and so do guide sites configured for
-    enumeration, which no objective here enumerates (``strict_enumeration_warning``).
+    enumeration when the run does not enumerate (``strict_enumeration_warning``).
     ``pyro_checks=False`` skips Pyro's checks, for internal replays of a checked run
     (replayed sites are not broadcast by plates, so Pyro's shape check misreads them).
 
@@ -210,9 +219,21 @@ def importance_trace(
     each latent guide site's node gets its draw's bit (key :data:`BIT`) and every sample
     site's node the bitset of the draws its log-density depends on, by provenance or by
     control (key :data:`DEPENDS`; see :mod:`pyro_wakesleep.downstream`).
+
+    With ``enumeration`` (:data:`~pyro_wakesleep.enumeration.EXPECTATION` or
+    :data:`~pyro_wakesleep.enumeration.MARGINAL`), guide and model run under
+    :func:`pyro.poutine.enum` (enumeration dims left of ``max_plate_nesting``, which must
+    then be finite) and the returned traces are the reduced ones of
+    :func:`~pyro_wakesleep.enumeration.reduce_enumerated`: enumerated model sites summed
+    out into factor nodes, guide-enumerated terms in expectation.
     """
     flow = Dataflow() if track else None
     bits: dict[str, int] = {}
+    if enumeration:
+        first = -(int(max_plate_nesting) + 1)
+        guide = poutine.enum(guide, first_available_dim=first)
+        # the model allocates its dims after the guide's, as in TraceEnum_ELBO
+        model = poutine.enum(model)
     with flow or _NOTHING:
         guide_tracker = TrackDraws(flow, bits, True) if flow else _NOTHING
         model_tracker = TrackDraws(flow, bits, False) if flow else _NOTHING
@@ -229,10 +250,13 @@ def importance_trace(
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
                 *args, **kwargs
             )
+    if enumeration:
+        check_enumeration_marks(guide_trace, "guide")
+        check_enumeration_marks(model_trace, "model")
     # a log-density is a function of the site's value, its distribution's tensors, scale
     # and mask: computed outside the flow, with its dependencies read off those
     _checked_log_probs(model_trace, guide_trace, max_plate_nesting, pyro_checks,
-                       strict_enumeration_warning)
+                       strict_enumeration_warning and not enumeration)
     if flow:
         for trace, tracker in ((guide_trace, guide_tracker), (model_trace, model_tracker)):
             for name, node in trace.nodes.items():
@@ -244,6 +268,13 @@ def importance_trace(
                     )
                     if name in bits and trace is guide_trace:
                         entry[BIT] = bits[name]
+    if enumeration:
+        controls = [cast(TrackDraws, t).control for t in (guide_tracker, model_tracker)] \
+            if flow else []
+        model_trace, guide_trace = reduce_enumerated(
+            model_trace, guide_trace, int(max_plate_nesting), enumeration,
+            (lambda name: controls[0].get(name, 0) | controls[1].get(name, 0)) if flow else None,
+        )
     return model_trace, guide_trace
 
 

@@ -37,6 +37,7 @@ DATA = torch.tensor([-2.0, -0.5, 0.3, 1.7, 3.5, 5.0, -1.2, 0.9])
 CONFIGS = (
     "sf_moving_average", "sf_neural", "sf_leave_one_out", "vimco", "disarm",
     "wake_sleep", "rws", "rebar", "relax", "vimco_jit", "rws_jit",
+    "sf_enum_leave_one_out", "sf_enum_moving_average",
 )
 
 
@@ -74,7 +75,39 @@ def make_objective(name: str):
         return RebarELBO(2)
     if name == "relax":
         return RelaxELBO(2)
+    if name == "sf_enum_leave_one_out":  # EnumModel: assignments summed out, a sampled switch
+        return ScoreFunctionELBO(3, control_variate=LeaveOneOutBaseline(), max_plate_nesting=1)
+    if name == "sf_enum_moving_average":
+        return ScoreFunctionELBO(2, control_variate=MovingAverageBaseline(beta=0.5),
+                                 max_plate_nesting=1)
     raise ValueError(name)
+
+
+class EnumModel(nn.Module):
+    """A two-component mixture whose assignments z_i are enumerated (summed out) and whose
+    shift is a global switch s that the guide samples (a score-function site)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.3, -1.0, 2.5]))  # weight logit, two locations
+
+    def forward(self, x):
+        pyro.module("enum_model", self, update_module_params=True)
+        w = self.w
+        s = pyro.sample("s", dist.Bernoulli(0.5))
+        with pyro.plate("data", x.shape[-1], device=x.device):
+            z = pyro.sample("z", dist.Bernoulli(logits=w[0]), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(w[1] + (w[2] - w[1]) * z + 1.5 * s, 1.0), obs=x)
+
+
+class EnumGuide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.2))
+
+    def forward(self, x):
+        pyro.module("enum_guide", self, update_module_params=True)
+        pyro.sample("s", dist.Bernoulli(logits=self.a))
 
 
 def shard(rank: int) -> torch.Tensor:
@@ -90,7 +123,9 @@ def seed(step: int, rank: int) -> int:
 def build(name: str):
     pyro.clear_param_store()
     torch.manual_seed(0)
-    module = make_objective(name)(MixedModel(), MixedGuide())
+    model, guide = (EnumModel(), EnumGuide()) if name.startswith("sf_enum") else (
+        MixedModel(), MixedGuide())
+    module = make_objective(name)(model, guide)
     pyro.set_rng_seed(7)
     module.initialize(DATA[shard(0)])  # lazily built control variates exist before DDP
     return module

@@ -202,3 +202,38 @@ def test_a_long_lived_tensor_keeps_no_history_of_ended_flows():
             persistent.add_(labelled(flow, [1.0, 1.0], 0b1))
             assert flow.provenance(persistent) == 0b1
     assert len(persistent._pyro_wakesleep_provenance) == 1
+
+
+def test_writes_notes_and_restores_in_place_writes_to_outside_tensors():
+    from pyro_wakesleep.dataflow import Writes
+
+    outside = torch.zeros(3)
+    bn = torch.nn.BatchNorm1d(2)
+    writes = Writes([])
+    with writes:
+        fresh = torch.ones(2)
+        fresh.add_(1.0)  # created inside: not noted
+        outside.add_(2.0)
+        bn(torch.randn(4, 2))
+    assert outside.tolist() == [2.0, 2.0, 2.0] and int(bn.num_batches_tracked) == 1
+    writes.restore()
+    assert outside.tolist() == [0.0, 0.0, 0.0] and int(bn.num_batches_tracked) == 0
+    assert bn.running_mean.abs().sum() == 0
+
+
+def test_guessing_the_plate_nesting_changes_no_module_state():
+    from pyro_wakesleep.traces import guess_max_plate_nesting
+
+    bn = torch.nn.BatchNorm1d(1)
+
+    def guide(x):
+        logits = bn(x.unsqueeze(-1)).squeeze(-1)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Bernoulli(logits=logits))
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Bernoulli(0.5))
+
+    assert guess_max_plate_nesting(model, guide, (torch.randn(5),), {}) == 1
+    assert int(bn.num_batches_tracked) == 0 and bn.running_mean.abs().sum() == 0

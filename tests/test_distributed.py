@@ -87,6 +87,9 @@ def _global_state(name, pre, values):
             pre["z.mean"], pre["z.weight"], v.mean(), 0.5)
         state["z.variance"], _ = ema_update(
             pre["z.variance"], pre["z.weight"], v.var(correction=0), 0.5)
+    elif name == "sf_enum_moving_average":  # the sampled switch s of EnumModel
+        state["s.average"], state["s.weight"] = ema_update(
+            pre["s.average"], pre["s.weight"], v.mean(), 0.5)
     return state
 
 
@@ -140,7 +143,7 @@ def test_control_variate_state_is_global_and_identical_on_every_rank(ranks, name
         for n in want:
             assert torch.equal(states[0][n], states[1][n]), f"{name}: {n} differs by rank"
             torch.testing.assert_close(states[0][n], want[n], msg=f"{name}: {n} at step {t}")
-    if name in ("sf_moving_average", "sf_neural"):  # the state is there and moved
+    if name in ("sf_moving_average", "sf_neural", "sf_enum_moving_average"):  # it moved
         assert any(float(v.abs().sum()) > 0 for v in reference[-1][1].values())
 
 

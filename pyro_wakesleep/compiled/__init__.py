@@ -9,7 +9,9 @@ It sits below the objectives: it knows an objective only through
 outputs). Modules: :mod:`.options` (``jit_options``), :mod:`.signature` (what a graph
 is valid for), :mod:`.checks` (what recording refuses, by mechanism), :mod:`.recording`,
 :mod:`.simplify` (graph passes), :mod:`.verification` (replays checked against the eager
-step) and :mod:`.step` (the dispatch).
+step), :mod:`.step` (the dispatch), and the training step around it: :mod:`.training`
+(loss, gradients and optimizer update recorded together) and :mod:`.optimizers` (the
+updates of torch's Adam, AdamW and SGD, operation for operation).
 """
 
 from pyro_wakesleep.compiled.options import check_jit_options

@@ -25,9 +25,8 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from pyro_wakesleep.dataflow import Read, call_site
+from pyro_wakesleep.dataflow import Read, Writes, call_site
 
 __all__ = ["INPUT", "SCALAR", "Guard", "Refused", "ScalarRead", "Writes", "read_refuser"]
 
@@ -121,38 +120,4 @@ def _name(func: Any) -> str:
     return str(getattr(func, "__qualname__", None) or getattr(func, "__name__", func))
 
 
-class Writes(TorchDispatchMode):
-    """Notes tensors from outside the step that it writes in place, and keeps a copy of
-    each as it was before the first write (:meth:`restore` puts it back)."""
-
-    def __init__(self, inputs: list[Tensor]) -> None:
-        super().__init__()
-        self._inside = {id(t) for t in inputs}
-        self._created: list[Tensor] = []  # kept alive so that their ids stay unique
-        #: id -> (tensor, its value before the step wrote it)
-        self.written: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        schema = func._schema
-        if schema.is_mutable:
-            for argument, value in zip(schema.arguments, args, strict=False):
-                if argument.alias_info is not None and argument.alias_info.is_write and \
-                        isinstance(value, Tensor) and id(value) not in self._inside \
-                        and id(value) not in self.written:
-                    self.written[id(value)] = (value, value.detach().clone())
-        result = func(*args, **kwargs)
-        for out in (result if isinstance(result, tuple | list) else (result,)):
-            if isinstance(out, Tensor) and id(out) not in self._inside:
-                self._inside.add(id(out))
-                self._created.append(out)
-        return result
-
-    def restore(self) -> None:
-        """Puts every written tensor back as it was before the step."""
-        with torch.no_grad():
-            for tensor, before in self.written.values():
-                tensor.copy_(before)
-        self._created.clear()
 

@@ -53,11 +53,15 @@ class Graph:
     :ivar list threaded: tensors from outside the step that it writes in place (module
         buffers such as ``BatchNorm``'s statistics, as ``(module, name)`` where the
         module is known, else the tensor itself).
+    :ivar module: the recorded graph itself (``fn`` is it, or its :func:`torch.compile`),
+        which a training step records its gradients and update around
+        (:mod:`pyro_wakesleep.compiled.training`).
     """
 
     def __init__(self, fn: Callable[..., Any], params: list[str], shapes: list[torch.Size],
-                 slots: list[Slot], threaded: list[Slot | Tensor], outputs: list[str]) -> None:
-        self.fn, self.params, self.shapes = fn, params, shapes
+                 slots: list[Slot], threaded: list[Slot | Tensor], outputs: list[str],
+                 module: fx.GraphModule | None = None) -> None:
+        self.fn, self.params, self.shapes, self.module = fn, params, shapes, module
         self.slots, self.threaded, self.outputs = slots, threaded, outputs
         #: how many times it has been replayed
         self.replays = 0
@@ -176,7 +180,7 @@ def record(objective: Any, model: Callable, guide: Callable, signature: ArgSigna
     fn: Callable[..., Any] = module
     if compile:
         fn = torch.compile(module, dynamic=False, options={"fallback_random": True})
-    return Graph(fn, names, [p.shape for p in params], state_slots, threaded, outputs)
+    return Graph(fn, names, [p.shape for p in params], state_slots, threaded, outputs, module)
 
 
 def _thread(module: fx.GraphModule, writes: Writes, modules: list[nn.Module]

@@ -32,7 +32,7 @@ from pyro_wakesleep.compiled.signature import (
     settings,
 )
 from pyro_wakesleep.compiled.training import TrainingStep
-from pyro_wakesleep.compiled.verification import verify
+from pyro_wakesleep.compiled.verification import EXACT, verify
 
 __all__ = ["CompiledStep", "Steppable"]
 
@@ -225,7 +225,7 @@ class CompiledStep:
 
         graph.replays += 1
         if verifies(self.options["verify"], graph.replays):
-            tolerance = 1e-4 if self.options["compile"] else 1e-5
+            tolerance = 1e-4 if self.options["compile"] else EXACT
             out, mismatch, differ = verify(self.objective, graph, run, eager, tolerance)
             if mismatch is not None:
                 del self.graphs[key]

@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO
-from pyro.infer.util import torch_item
+from pyro.infer import ELBO, SVI
+from pyro.infer.autoguide import AutoMessenger
+from pyro.infer.util import torch_item, zero_grads
 from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor
 
@@ -23,6 +26,18 @@ from pyro_wakesleep.traces import guess_max_plate_nesting
 
 if TYPE_CHECKING:
     from pyro_wakesleep.objectives.module import ObjectiveModule
+
+
+def _calling_svi(objective: Objective) -> SVI | None:
+    """The :class:`pyro.infer.SVI` whose ``step`` called ``objective.loss_and_grads``
+    (two frames up), if any: the SVI whose optimizer the compiled training step runs."""
+    frame = sys._getframe(2)
+    if frame.f_code is not SVI.step.__code__:
+        return None
+    svi = frame.f_locals.get("self")
+    bound = getattr(svi, "loss_and_grads", None)
+    return svi if isinstance(svi, SVI) and getattr(bound, "__self__", None) is objective \
+        else None
 
 
 class Objective(ELBO):
@@ -87,6 +102,11 @@ class Objective(ELBO):
     :raises ValueError: for an argument out of range, naming it.
     """
 
+    #: how the objective's runs enumerate (:mod:`pyro_wakesleep.enumeration`):
+    #: ``"expectation"`` (ELBO), ``"marginal"`` (importance weights) or ``None`` (sites
+    #: marked for enumeration are sampled, with ``strict_enumeration_warning``'s warning)
+    enumeration: str | None = None
+
     def __init__(
         self,
         num_particles: int = 1,
@@ -135,6 +155,7 @@ class Objective(ELBO):
         #: the objective's control variates (and any other state), one per site
         self.control_variates: SiteControlVariates = SiteControlVariates()
         self._vectorizes: bool | None = None  # known after the first vectorized run
+        self._warmed: set[int] = set()  # messenger autoguides called outside the plate
         #: the prefix of this objective's names in Pyro's param store (see ``name``)
         self.name: str = name or "control_variates"
         #: the compiled training step (``jit=True``), else ``None``
@@ -192,6 +213,7 @@ class Objective(ELBO):
             model, guide, args, kwargs, num_particles=self.num_particles, vectorize=vectorize,
             max_plate_nesting=self.max_plate_nesting, detach_guide=detach_guide,
             strict_enumeration_warning=self.strict_enumeration_warning, track=track,
+            enumeration=self.enumeration,
         )
         if check_finite:
             check_finite_sites(particles)
@@ -213,14 +235,24 @@ class Objective(ELBO):
                 model, guide, args, kwargs, num_particles=size, vectorize=vectorize,
                 max_plate_nesting=self.max_plate_nesting,
                 strict_enumeration_warning=self.strict_enumeration_warning, track=track,
+                enumeration=self.enumeration,
             )
 
     def _know_plate_nesting(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, vectorize: bool
     ) -> None:
-        """Guesses ``max_plate_nesting`` (once) when a vectorized pass needs it."""
-        if vectorize and self.max_plate_nesting == math.inf:
+        """Guesses ``max_plate_nesting`` (once) when a vectorized pass or enumeration
+        needs it. A messenger autoguide (:class:`~pyro.infer.autoguide.AutoMessenger`)
+        about to run vectorized for the first time is called once outside the particle
+        plate (blocked, random state untouched), so that it creates its parameters
+        without a particle dimension (Pyro's ``AutoMessenger._adjust_plates`` does not
+        exclude outer plates)."""
+        if (vectorize or self.enumeration) and self.max_plate_nesting == math.inf:
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        elif vectorize and isinstance(guide, AutoMessenger) and id(guide) not in self._warmed:
+            guess_max_plate_nesting(model, guide, args, kwargs)
+        if vectorize and isinstance(guide, AutoMessenger):
+            self._warmed.add(id(guide))
 
     def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError("objectives in pyro_wakesleep draw traces via particles()")
@@ -304,12 +336,43 @@ class Objective(ELBO):
         """Computes the loss, and accumulates the estimator's gradients into ``.grad`` of
         every parameter it touches (as :class:`pyro.infer.SVI` expects).
 
+        Called by :meth:`pyro.infer.SVI.step` with ``jit=True``, it takes SVI's whole
+        step (loss, gradients and the update of SVI's optimizer) as one recorded
+        training step where it can (see "Compiled objectives"): SVI then finds no
+        parameter left to update.
+
         :rtype: float
         """
+        if self.compiled is not None and torch.is_grad_enabled():
+            svi = _calling_svi(self)
+            if svi is not None:
+                loss = self._svi_step(svi, model, guide, args, kwargs)
+                if loss is not None:
+                    return torch_item(loss)
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
         return torch_item(loss)
+
+    def _svi_step(self, svi: SVI, model: Callable, guide: Callable, args: tuple,
+                  kwargs: dict) -> Tensor | None:
+        """SVI's step as a compiled training step, or ``None`` (SVI's own step)."""
+        def eager() -> Tensor:  # SVI's step, eagerly, out of sight of SVI's capture
+            with poutine.block(), poutine.trace(param_only=True) as capture:
+                value, surrogate = self._run_eager(model, guide, args, kwargs, True)
+                loss = value + (surrogate - surrogate.detach())
+                if loss.requires_grad:
+                    loss.backward(retain_graph=self.retain_graph)
+            params = {cast(Any, site["value"]).unconstrained()
+                      for site in capture.trace.nodes.values()}
+            svi.optim(params)
+            zero_grads(params)
+            return loss.detach()
+
+        compiled = self.compiled
+        if compiled is None:
+            return None
+        return compiled.training(svi.optim, False)(model, guide, args, kwargs, eager)
 
     def __call__(self, model: Callable, guide: Callable) -> ObjectiveModule:
         """A :class:`~pyro_wakesleep.objectives.ObjectiveModule` computing

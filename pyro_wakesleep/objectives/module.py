@@ -80,6 +80,41 @@ class ObjectiveModule(ELBOModule):
         self._fresh, self._known = {}, None
         return float(loss)
 
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Tensor:
+        """One training step with ``optimizer``: the loop body above
+        (``optimizer.zero_grad()``, the loss, ``backward()``, ``optimizer.step()``),
+        returning the detached loss. With ``jit=True`` the loss, its gradients, the
+        control-variate updates and the optimizer's update (:class:`torch.optim.Adam`,
+        ``AdamW``, ``SGD``) are replayed as one recorded training step; the gradients are
+        left in ``.grad`` as ``backward()`` leaves them. See "Compiled objectives".
+
+        :param torch.optim.Optimizer optimizer: the optimizer of :meth:`parameters`.
+        :rtype: torch.Tensor
+        """
+        def ordinary() -> Tensor:
+            loss = self(*args, **kwargs)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        def eager() -> Tensor:
+            value, surrogate = self.elbo._run_eager(self.model, self.guide, args, kwargs, True)
+            optimizer.zero_grad()
+            loss = value + (surrogate - surrogate.detach())
+            if loss.requires_grad:
+                loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        compiled = self.elbo.compiled
+        if compiled is not None and torch.is_grad_enabled() and not self._fresh:
+            loss = compiled.training(optimizer, True)(self.model, self.guide, args, kwargs,
+                                                      eager)
+            if loss is not None:
+                return loss
+        return ordinary()
+
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """:meth:`Objective.differentiable_loss` of the model and guide."""
         compiled = self.elbo.compiled

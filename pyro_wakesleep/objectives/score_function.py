@@ -13,6 +13,7 @@ from pyro_wakesleep._replay import replay_stopped, warn_if_no_pathwise_site
 from pyro_wakesleep._validation import check_bool
 from pyro_wakesleep.control_variates import ControlVariate, SiteContext, TraceGraphBaseline
 from pyro_wakesleep.downstream import learning_signals
+from pyro_wakesleep.enumeration import EXPECTATION, is_enumerated, refuse_enumeration
 from pyro_wakesleep.objectives._site_control import (
     ControlVariateSpec,
     check_spec,
@@ -76,6 +77,8 @@ class ScoreFunctionELBO(Objective):
         ``vectorize_particles``, ``strict_enumeration_warning``, ``retain_graph``, ...),
         with the meaning :class:`~pyro_wakesleep.objectives.Objective` gives them.
     """
+
+    enumeration = EXPECTATION
 
     def __init__(
         self,
@@ -155,7 +158,10 @@ class ScoreFunctionELBO(Objective):
             if self.stick_the_landing:
                 warn_if_no_pathwise_site(particles, type(self).__name__, "stick_the_landing",
                                          scored=self.force_score_function)
-        score_sites = [name for name, node in nodes.items() if self._is_score_site(node)]
+        if self.stick_the_landing:
+            refuse_enumeration(particles, "ScoreFunctionELBO(stick_the_landing=True)")
+        score_sites = [name for name, node in nodes.items()
+                       if self._is_score_site(node) and not is_enumerated(node)]
         signals = learning_signals(particles, score_sites)
         check_all_finite([(s, f"learning signal at site '{n}'") for n, s in signals.items()])
         check_finite_sites(particles)

@@ -14,6 +14,7 @@ from pyro_wakesleep._replay import (
     warn_if_no_pathwise_site,
 )
 from pyro_wakesleep._validation import check_bool, check_finite
+from pyro_wakesleep.enumeration import MARGINAL, refuse_enumeration
 from pyro_wakesleep.objectives.base import Objective
 from pyro_wakesleep.particles import check_finite_sites, log_weights
 from pyro_wakesleep.signals import dreg_vimco_surrogate, vimco_surrogate
@@ -107,6 +108,8 @@ class VimcoELBO(Objective):
     :raises TypeError: if ``dreg`` is not a ``bool``.
     """
 
+    enumeration = MARGINAL
+
     def __init__(
         self,
         num_particles: int = 2,
@@ -136,6 +139,7 @@ class VimcoELBO(Objective):
             self._dreg_checked = True
             warn_if_no_pathwise_site(particles, type(self).__name__, "dreg")
         if self.dreg:
+            refuse_enumeration(particles, "VimcoELBO(dreg=True)")
             replay = replay_log_weights(particles, model, guide, args, kwargs, weights)
             # gradient of the model's parameters only: log q of the replay held constant
             theta = log_weights(hold_guide_constant(replay.stopped)).value

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from pyro_wakesleep._replay import Replay, replay_log_weights, warn_if_no_pathwise_site
 from pyro_wakesleep._validation import check_bool, check_int, check_real
+from pyro_wakesleep.enumeration import MARGINAL, refuse_enumeration
 from pyro_wakesleep.objectives._dreams import (
     DreamArgs,
     check_param_owners,
@@ -243,6 +244,8 @@ class ReweightedWakeSleepELBO(_WakeSleep):
     stochastic control flow*, UAI.
     """
 
+    enumeration = MARGINAL
+
     def __init__(
         self,
         num_particles: int = 2,
@@ -282,6 +285,7 @@ class ReweightedWakeSleepELBO(_WakeSleep):
         replay: Replay | None = None
         if self.dreg and self.insomnia > 0:
             pathwise = self.particles(model, guide, args, kwargs)
+            refuse_enumeration(pathwise, "ReweightedWakeSleepELBO(dreg=True)")
             check_param_owners(*pathwise.traces[0])
             if not self._dreg_checked:
                 self._dreg_checked = True
