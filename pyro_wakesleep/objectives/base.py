@@ -76,7 +76,10 @@ class Objective(ELBO):
         outermost plate of size ``num_particles``) rather than a Python loop (default
         ``True``, unlike Pyro's ``False``; see above for programs that cannot).
     :param bool strict_enumeration_warning: warn about guide sites configured for
-        enumeration (``infer={"enumerate": ...}``), which no objective here enumerates.
+        enumeration (``infer={"enumerate": ...}``) in an objective that does not
+        enumerate them and samples them instead (those whose ``enumeration`` is ``None``:
+        all but :class:`ScoreFunctionELBO`, :class:`VimcoELBO` and
+        :class:`ReweightedWakeSleepELBO`).
     :param bool ignore_jit_warnings: accepted for compatibility with Pyro's ``Jit*``
         objectives; no effect (recording here raises rather than warns, see ``jit``).
     :param dict jit_options: options of the compiled path (``jit=True``):
