@@ -24,6 +24,7 @@ and summed up once (:func:`signal_matrix`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -33,7 +34,7 @@ import torch
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
-from pyro_wakesleep.particles import Particles
+from pyro_wakesleep.particles import Particles, canonical_field
 from pyro_wakesleep.signals import reduce_to_dims
 from pyro_wakesleep.traces import BIT, DEPENDS, guide_factors, is_sample, plate_frames
 
@@ -129,10 +130,9 @@ def downstream_sites(model_trace: Trace, guide_trace: Trace, site: str) -> tuple
     return (tuple(t.name for t in terms if t.guide), tuple(t.name for t in terms if not t.guide))
 
 
-def _value(term: _Term, particles: Particles, detach: bool) -> Tensor:
-    value = term.node["log_prob"]
-    value = -value if term.guide else value
-    return particles.canonical(value.detach() if detach else value, term.name)
+def _value(term: _Term, particles: Particles) -> Tensor:
+    value = canonical_field(term.node, "log_prob", particles)
+    return -value if term.guide else value
 
 
 def _run_signals(particles: Particles, model_trace: Trace, guide_trace: Trace,
@@ -143,7 +143,13 @@ def _run_signals(particles: Particles, model_trace: Trace, guide_trace: Trace,
     for site in sites:
         frames = plate_frames(guide_trace.nodes[site]) if keep_plates else frozenset()
         groups[frames].append(site)
-    values = [_value(term, particles, detach) for term in terms]
+    with torch.no_grad() if detach else contextlib.nullcontext():
+        return _signals(particles, terms, groups, guide_trace)
+
+
+def _signals(particles: Particles, terms: list[_Term], groups: dict[_Frames, list[str]],
+             guide_trace: Trace) -> dict[str, Tensor]:
+    values = [_value(term, particles) for term in terms]
     signals = {}
     for frames, members in groups.items():
         reduced = []
@@ -158,7 +164,7 @@ def _run_signals(particles: Particles, model_trace: Trace, guide_trace: Trace,
             signals[members[0]] = functools.reduce(torch.add, parts)
             continue
         shape = torch.broadcast_shapes(*(r.shape for r in reduced))
-        stacked = torch.stack([r.expand(shape) for r in reduced])
+        stacked = torch.stack([r if r.shape == shape else r.expand(shape) for r in reduced])
         num_bits = 1 + max(_entry(guide_trace.nodes[s])[BIT] for s in members)
         matrix = signal_matrix(stacked, [t.depends for t in terms], num_bits)
         for site in members:

@@ -41,10 +41,12 @@ import opt_einsum
 import pyro.distributions as dist
 import torch
 from opt_einsum import shared_intermediates
+from pyro.distributions.torch_distribution import TorchDistributionMixin
 from pyro.distributions.util import scale_and_mask
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
 from pyro.ops.rings import LogRing
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
@@ -58,6 +60,22 @@ MARGINAL = "marginal"
 #: trace-node key (in ``infer``) of a contracted factor: the sites summed out into it
 SUMMED = "_pyro_wakesleep_summed"
 _DEPENDS = "dataflow_depends"
+
+
+class Enumerate(EnumMessenger):
+    """:func:`pyro.poutine.enum` that reads each value's shape without a tensor op
+    (Pyro's reads ``value.data``, a ``detach`` at every sample site, enumerated or not)."""
+
+    def _pyro_post_sample(self, msg: Any) -> None:
+        value = msg["value"]
+        if value is None or not isinstance(msg["fn"], TorchDistributionMixin):
+            return
+        shape = value.shape[:len(value.shape) - msg["fn"].event_dim]
+        dim_to_id = msg["infer"].setdefault("_dim_to_id", {})
+        dim_to_id.update(self._param_dims.get(msg["name"], {}))
+        self._value_dims[msg["name"]] = {
+            dim: id_ for dim, id_ in dim_to_id.items() if len(shape) >= -dim and shape[dim] > 1
+        }
 
 
 def _nodes(trace: Trace) -> dict[str, Any]:

@@ -138,6 +138,20 @@ class Particles(NamedTuple):
         return torch.cat([v if v is not None else zero for v in values])
 
 
+#: node key of a site's log-densities in the canonical layout, computed once per run
+CANONICAL = "_pyro_wakesleep_canonical"
+
+
+def canonical_field(node: Any, key: str, particles: Particles) -> Tensor:
+    """``node[key]`` (a log-density of one run) in the canonical layout, kept in the node
+    so that what reads it again (the learning signals) makes no new view of it."""
+    cache = node.setdefault(CANONICAL, {})
+    value = cache.get(key)
+    if value is None or value[0] is not node[key]:
+        value = cache[key] = (node[key], particles.canonical(node[key], node["name"]))
+    return value[1]
+
+
 def _particles(pairs: list[TracePair], nesting: int, vectorized: bool, num: int) -> Particles:
     """Collects the traces of a run into :class:`Particles`."""
     empty = Particles({}, [], num, nesting, vectorized, tuple(pairs))
@@ -149,6 +163,7 @@ def _particles(pairs: list[TracePair], nesting: int, vectorized: bool, num: int)
         guide_names.update(dict.fromkeys(latent_sites(guide_trace)))
         factors.update(dict.fromkeys(guide_factors(model_trace, guide_trace)))
     sites = {}
+    everywhere_mask: Tensor | None = None
     guide_only = [n for n in [*guide_names, *factors] if n not in model_names]
     for name in [*model_names, *guide_only]:
         model_nodes: list[Any] = [m.nodes.get(name) for m, _ in pairs]
@@ -162,17 +177,19 @@ def _particles(pairs: list[TracePair], nesting: int, vectorized: bool, num: int)
 
         def field(nodes: list[Any], key: str, name: str = name) -> Tensor:
             return empty.stack(name, [
-                empty.canonical(n[key], name) if n is not None else None for n in nodes
+                canonical_field(n, key, empty) if n is not None else None for n in nodes
             ])
 
-        mask = torch.tensor(present)
+        everywhere = vectorized or all(present)
+        if everywhere_mask is None:
+            everywhere_mask = torch.ones(num, dtype=torch.bool)  # one, shared by the sites
         sites[name] = SiteTensors(
             name, node,
             field(model_nodes, "log_prob") if in_model else None,
             field(guide_nodes, "log_prob") if in_guide else None,
             field(guide_nodes, "unscaled_log_prob") if in_guide else None,
-            torch.ones(num, dtype=torch.bool) if vectorized else mask,
-            vectorized or all(present),
+            everywhere_mask if everywhere else torch.tensor(present),
+            everywhere,
         )
     summed = dict.fromkeys(n for pair in pairs for n in enumerated_sites(*pair))
     return empty._replace(sites=sites, guide_latents=list(guide_names), enumerated=tuple(summed))
@@ -226,16 +243,19 @@ def check_finite_sites(particles: Particles) -> None:
 def check_all_finite(items: Sequence[tuple[Tensor, str]],
                      hint: str = "check the model's log-densities at the guide's draws") -> None:
     """:func:`~pyro_wakesleep._validation.check_finite` of many ``(value, what)`` pairs
-    at the cost of one check (all values flattened into one tensor); only when that one
+    at the cost of one check (of the sum of their norms, one op); only when that one
     fails are they checked one by one, so the error names the first bad one."""
     if not items:
         return
+    with torch.no_grad():  # one op for all: a norm is finite iff every element is
+        norms = torch._foreach_norm([v for v, _ in items], 1)
+        total = norms[0] if len(norms) == 1 else torch.stack(norms).sum()
     try:
-        check_finite(torch.cat([v.detach().reshape(-1) for v, _ in items]), "values", hint)
+        check_finite(total, "values", hint)
     except ValueError:
         for value, what in items:
             check_finite(value.detach(), what, hint)
-        raise
+        # every value finite: only their norm overflowed
 
 
 def log_joint(particles: Particles, *, weights: Tensor | None = None) -> Tensor:

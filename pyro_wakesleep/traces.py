@@ -24,7 +24,12 @@ from pyro.util import check_if_enumerated, check_model_guide_match, check_site_s
 from torch import Tensor
 
 from pyro_wakesleep.dataflow import Dataflow, TrackDraws, Writes
-from pyro_wakesleep.enumeration import check_enumeration_marks, is_enumerated, reduce_enumerated
+from pyro_wakesleep.enumeration import (
+    Enumerate,
+    check_enumeration_marks,
+    is_enumerated,
+    reduce_enumerated,
+)
 
 __all__ = [
     "canonical",
@@ -231,9 +236,9 @@ def importance_trace(
     bits: dict[str, int] = {}
     if enumeration:
         first = -(int(max_plate_nesting) + 1)
-        guide = poutine.enum(guide, first_available_dim=first)
+        guide = Enumerate(first_available_dim=first)(guide)
         # the model allocates its dims after the guide's, as in TraceEnum_ELBO
-        model = poutine.enum(model)
+        model = Enumerate()(model)
     with flow or _NOTHING:
         guide_tracker = TrackDraws(flow, bits, True) if flow else _NOTHING
         model_tracker = TrackDraws(flow, bits, False) if flow else _NOTHING
@@ -303,8 +308,8 @@ def canonical(value: Tensor, max_plate_nesting: int, vectorized: bool, site: str
             f"max_plate_nesting={max_plate_nesting} (+1 for particles) allows; declare its "
             "batch dimensions with pyro.plate or move them to the event with .to_event()"
         )
-    value = value.reshape((1,) * (rank - value.dim()) + value.shape)
-    return value if vectorized else value.unsqueeze(0)
+    shape = (1,) * (rank - value.dim() + (not vectorized)) + value.shape
+    return value if shape == value.shape else value.reshape(shape)  # one view at most
 
 
 def plate_dims(site: Mapping[str, Any]) -> frozenset[int]:

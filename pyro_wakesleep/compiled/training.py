@@ -39,7 +39,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from pyro_wakesleep.compiled.checks import Refused
 from pyro_wakesleep.compiled.optimizers import NOT_YET, Binding, bind, update_fn
 from pyro_wakesleep.compiled.options import verifies
-from pyro_wakesleep.compiled.recording import Graph
+from pyro_wakesleep.compiled.recording import Graph, meta_values
 from pyro_wakesleep.compiled.signature import ArgSignature, plain_stack
 from pyro_wakesleep.compiled.verification import EXACT, differ
 
@@ -109,7 +109,7 @@ def record_forward(graph: Graph, params: list[Tensor], inputs: list[Tensor],
     before = [t.detach().clone() for t in threaded]
     try:
         leaves = [p.detach().requires_grad_(True) for p in params]
-        with torch.enable_grad():
+        with torch.enable_grad(), meta_values():
             traced = make_fx(forward, tracing_mode="real")(*leaves, *inputs, *state, *threaded)
     except Refused:
         raise
@@ -138,7 +138,7 @@ def record_update(binding: Binding, params: list[Tensor], grads: list[Tensor],
         update(*values)
         return ()
 
-    with torch.no_grad():
+    with torch.no_grad(), meta_values():
         traced = make_fx(run, tracing_mode="real")(*copies, scalars)
     return _compile(traced, compile)
 
