@@ -10,12 +10,16 @@ from pyro_wakesleep.control_variates import (
 from pyro_wakesleep.diagnostics import History
 from pyro_wakesleep.objectives import (
     DisarmELBO,
+    DoubleControlVariateELBO,
+    IndecaterELBO,
     Objective,
     ObjectiveModule,
     RebarELBO,
     RelaxELBO,
     ReweightedWakeSleepELBO,
+    RodeoELBO,
     ScoreFunctionELBO,
+    UnorderedSetELBO,
     VimcoELBO,
     WakeSleepELBO,
 )
@@ -27,7 +31,9 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ControlVariate",
     "DisarmELBO",
+    "DoubleControlVariateELBO",
     "History",
+    "IndecaterELBO",
     "LeaveOneOutBaseline",
     "MovingAverageBaseline",
     "NeuralBaseline",
@@ -37,9 +43,11 @@ __all__ = [
     "RelaxELBO",
     "RelaxedSite",
     "ReweightedWakeSleepELBO",
+    "RodeoELBO",
     "ScoreFunctionELBO",
     "StepInfo",
     "TraceGraphBaseline",
+    "UnorderedSetELBO",
     "VimcoELBO",
     "WakeSleepELBO",
     "__version__",
