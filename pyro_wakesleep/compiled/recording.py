@@ -83,13 +83,24 @@ def meta_values() -> Iterator[None]:
     values of our own recordings change (the original is put back on exit)."""
     original = proxy_tensor.set_meta
 
+    def plain(value: Any) -> bool:
+        return isinstance(value, Tensor) and not proxy_tensor.is_fake(value) \
+            and not value.is_sparse
+
+    def meta(value: Tensor) -> Tensor:
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                   device="meta")
+
     def set_meta(proxy: Any, value: Any) -> Any:
-        if isinstance(value, Tensor) and not proxy_tensor.is_fake(value) \
-                and not value.is_sparse and proxy.node.op != "placeholder":
-            with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
-                proxy.node.meta["val"] = torch.empty_strided(
-                    value.shape, value.stride(), dtype=value.dtype, device="meta")
-            return proxy
+        if proxy.node.op != "placeholder":
+            if plain(value):
+                with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
+                    proxy.node.meta["val"] = meta(value)
+                return proxy
+            if type(value) in (list, tuple) and all(plain(v) for v in value):
+                with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
+                    proxy.node.meta["val"] = type(value)(meta(v) for v in value)
+                return proxy
         return original(proxy, value)
 
     proxy_tensor.set_meta = set_meta  # type: ignore[assignment]
