@@ -16,7 +16,6 @@ from typing import Any, Protocol
 import pyro
 import pyro.poutine.runtime as runtime
 import torch
-from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor, nn
 
 from pyro_wakesleep.compiled.checks import Refused, ScalarRead
@@ -32,7 +31,12 @@ from pyro_wakesleep.compiled.signature import (
     settings,
 )
 from pyro_wakesleep.compiled.training import TrainingStep
-from pyro_wakesleep.compiled.verification import EXACT, verify
+from pyro_wakesleep.compiled.verification import (
+    EXACT,
+    generator_states,
+    restore_generators,
+    verify,
+)
 
 __all__ = ["CompiledStep", "Steppable"]
 
@@ -210,17 +214,15 @@ class CompiledStep:
 
         def run() -> tuple[Tensor, ...] | None:
             state = [module._buffers[name] for module, name in graph.slots]
-            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-            rng = get_rng_state()
+            rng = generator_states()
             try:
                 out = graph.fn(*inputs, *state, *graph.threaded_tensors())
                 if math.isfinite(out[-1].item()):
                     return out
             except Exception:
                 torch._C._set_grad_enabled(True)  # a graph may fail inside no_grad
-            set_rng_state(rng)  # run again eagerly from the same random state: it
-            if cuda is not None:  # raises the eager error (naming the site) or is
-                torch.cuda.set_rng_state_all(cuda)  # the step
+            # run again eagerly from the same random state: it raises the eager error
+            restore_generators(rng)  # (naming the site) or is the step
             return None
 
         graph.replays += 1

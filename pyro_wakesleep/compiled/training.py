@@ -41,7 +41,12 @@ from pyro_wakesleep.compiled.optimizers import NOT_YET, Binding, bind, update_fn
 from pyro_wakesleep.compiled.options import verifies
 from pyro_wakesleep.compiled.recording import Graph, meta_values
 from pyro_wakesleep.compiled.signature import ArgSignature, plain_stack
-from pyro_wakesleep.compiled.verification import EXACT, differ
+from pyro_wakesleep.compiled.verification import (
+    EXACT,
+    differ,
+    generator_states,
+    restore_generators,
+)
 
 __all__ = ["TrainingGraph", "TrainingStep"]
 
@@ -285,7 +290,7 @@ class TrainingStep:
                 signature: ArgSignature) -> Tensor | None:
         """One replay; ``None`` (nothing changed) if its checks fail."""
         loss = graph.loss
-        rng = get_rng_state()
+        rng = generator_states()
         try:
             with torch.no_grad():
                 out = graph.forward(*params, *signature.inputs, *self._buffers(loss),
@@ -294,7 +299,7 @@ class TrainingStep:
         except Exception:
             ok = False
         if not ok:
-            set_rng_state(rng)  # the eager step runs from here and raises its error
+            restore_generators(rng)  # the eager step runs from here and raises its error
             return None
         trained = [params[i] for i in graph.trained]
         n, m = len(loss.slots), len(loss.outputs)

@@ -27,6 +27,21 @@ __all__ = ["EXACT", "State", "differ", "verify"]
 EXACT = 1e-5
 
 
+def generator_states() -> tuple[Tensor, list[Tensor] | None]:
+    """The state of PyTorch's default generators (the CPU's, and every CUDA device's once
+    CUDA is initialized): all that a graph replay draws from. Cheaper than
+    :func:`pyro.util.get_rng_state`, which also copies Python's and NumPy's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def restore_generators(states: tuple[Tensor, list[Tensor] | None]) -> None:
+    """Puts back what :func:`generator_states` took."""
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state_all(states[1])
+
+
 class State:
     """The running state a step changes: the random state, control-variate buffers
     (replaced), threaded tensors (written in place; copied) and the objective's outputs."""
