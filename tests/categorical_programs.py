@@ -195,3 +195,38 @@ class CatGuide(torch.nn.Module):
             z = pyro.sample("z", dist.Categorical(logits=self.a[:, 0] + self.a[:, 1]
                                                   * x.unsqueeze(-1)))
             pyro.sample("y", dist.Normal(x + self.b[z], self.s.exp()))
+
+
+def control_flow():
+    """Stochastic control flow: a second categorical site only when the first is 0 (read
+    into Python with ``.item()``); returns the program and its exact ELBO in closed form
+    (the enumeration of ``exact_elbo`` assumes every site present)."""
+    params = params_of({
+        "theta": torch.tensor([0.3, -0.2, 0.5]), "phi": torch.tensor([0.1, 0.4, -0.6]),
+        "mu": torch.tensor([-1.0, 0.5, 2.0]), "nu": torch.tensor([0.0, 1.5, -0.5]),
+        "a": torch.tensor([0.2, 0.1, -0.3]), "b": torch.tensor([-0.4, 0.3, 0.2]),
+    })
+
+    def model(x):
+        z = pyro.sample("z", dist.Categorical(logits=pyro.param("theta")))
+        if z.item() == 0:
+            loc = pyro.param("mu")[pyro.sample("w", dist.Categorical(logits=pyro.param("phi")))]
+        else:
+            loc = pyro.param("nu")[z]
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    def guide(x):
+        z = pyro.sample("z", dist.Categorical(logits=pyro.param("a")))
+        if z.item() == 0:
+            pyro.sample("w", dist.Categorical(logits=pyro.param("b")))
+
+    def exact(x):
+        lq_z, lp_z = pyro.param("a").log_softmax(-1), pyro.param("theta").log_softmax(-1)
+        lq_w, lp_w = pyro.param("b").log_softmax(-1), pyro.param("phi").log_softmax(-1)
+        branch = (lq_w.exp() * (lp_w + dist.Normal(pyro.param("mu"), 1.0).log_prob(x)
+                                - lq_w)).sum()
+        rest = dist.Normal(pyro.param("nu"), 1.0).log_prob(x)
+        inner = torch.cat([branch.reshape(1), rest[1:]])
+        return (lq_z.exp() * (lp_z - lq_z + inner)).sum()
+
+    return model, guide, params, exact

@@ -68,6 +68,11 @@ class IndecaterELBO(Objective):
         f = evaluate(alternatives.expand((classes, *site.draws.shape)))
         return indecater_surrogate(site.logits, f.movedim(0, -1))
 
+    def _uses_vectorization(self) -> bool:
+        # a site's variants run as one vectorized pass whatever the number of main runs,
+        # so a program that cannot run vectorized falls back to one run after another
+        return self.vectorize_particles
+
     def loss_and_surrogate(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
     ) -> tuple[Tensor, Tensor]:
