@@ -36,6 +36,17 @@ baseline state there). NVIL's variance
 normalization divides its gradient by a running scale, which lowers its figure by that
 factor.
 
+With ``--storchastic PYTHON`` (or ``STORCHASTIC_PYTHON``), a Python with storchastic
+installed, the nearest peer joins the same run: its estimators that apply to Bernoulli
+latents (``ScoreFunction`` with its moving-average or batch-average (leave-one-out)
+baseline, ``ARM``, ``DisARM``, ``REBAR``, ``RELAX``), each as shipped and, where
+storchastic 0.3.7 has a bug on this model, patched (see ``storch_sbn.py``), trained
+through ``storch_sbn.py`` in that Python from the same initial weights on the same
+batches, advanced in the same interleaved slices as ours, its ELBO computed here from its
+checkpoints by the same code and its gradient variance at the same two points. The table
+then also reports a bias check of storchastic's estimators: their mean gradient over the
+exact one on a toy, :math:`\\mathbb E[(b - 0.45)^2]` (``storch_sbn.toy``).
+
 Run: ``python benchmarks/bench_discrete.py --seconds 10``; ``--toy`` prints instead the
 ARMS paper's toy, :math:`\\mathbb E[(b - t)^2]` with :math:`t = 0.499`: exact gradient
 variances of ARMS, DisARM and RLOO at equal evaluations, and ARMS's measured through
@@ -46,9 +57,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pyro
 import torch
@@ -65,6 +82,7 @@ from common import (
 from pyro.infer import ELBO, SVI, TraceGraph_ELBO
 from torch import Tensor
 
+from pyro_wakesleep import MovingAverageBaseline
 from pyro_wakesleep.examples.datasets import load_binarized_mnist
 from pyro_wakesleep.examples.models import SigmoidBeliefNet
 from pyro_wakesleep.objectives.disarm import DisarmELBO
@@ -125,6 +143,24 @@ ESTIMATORS: dict[str, Factory] = {
     "RODEO @ ARMS n=4 evals": lambda net: (
         RodeoELBO(1 + 3 * net.num_layers, max_plate_nesting=1), net.guide,
         1 + 3 * net.num_layers),
+    # storchastic's moving average's decay; not in the default set
+    "REINFORCE + avg": lambda net: (
+        ScoreFunctionELBO(1, MovingAverageBaseline(0.95), max_plate_nesting=1), net.guide, 1),
+}
+DEFAULT_ESTIMATORS = [name for name in ESTIMATORS if name != "REINFORCE + avg"]
+
+#: storchastic's estimators (``--storchastic``): name -> key in ``storch_sbn.METHODS``
+STORCH_ESTIMATORS = {
+    "storchastic REINFORCE + avg": "avg",
+    "storchastic RLOO": "rloo",
+    "storchastic ARM": "arm",
+    "storchastic ARM, fixed": "arm_fixed",
+    "storchastic DisARM": "disarm",
+    "storchastic DisARM, index fixed": "disarm_index",
+    "storchastic DisARM, fixed": "disarm_fixed",
+    "storchastic REBAR": "rebar",
+    "storchastic RELAX": "relax",
+    "storchastic RELAX(rebar=True)": "relax_rebar",
 }
 
 
@@ -137,6 +173,8 @@ class Row:
     elbo: list[float]  # at 1/4, 1/2, 1 of the budget
     variance: float  # at the contender's own trained parameters
     common_variance: float  # at the reference contender's trained parameters
+    toy: str = ""  # storchastic's estimators: mean / exact gradient on the toy
+    note: str = ""  # why the run failed, if it did
 
 
 def train_elbo(net: SigmoidBeliefNet, x: Tensor, draws: int = 10) -> float:
@@ -146,8 +184,10 @@ def train_elbo(net: SigmoidBeliefNet, x: Tensor, draws: int = 10) -> float:
     return -loss / len(x)
 
 
-def guide_variance(objective: ELBO, net: SigmoidBeliefNet, guide: Callable, x: Tensor,
-                   draws: int) -> float:
+def guide_moments(objective: ELBO, net: SigmoidBeliefNet, guide: Callable, x: Tensor,
+                  draws: int) -> tuple[Tensor, Tensor]:
+    """Mean and elementwise variance of the recognition-network gradient over ``draws``
+    draws, with running baselines frozen."""
     params = list(net.recognition.parameters())
     store = pyro.get_param_store()
     frozen = {k: v.detach().clone() for k, v in store.items() if k.startswith("__baseline")}
@@ -161,7 +201,8 @@ def guide_variance(objective: ELBO, net: SigmoidBeliefNet, guide: Callable, x: T
                     store[k].copy_(v)
     for value in store.values():
         value.unconstrained().grad = None  # type: ignore[attr-defined]
-    return torch.stack(samples).var(0).mean().item()
+    stack = torch.stack(samples)
+    return stack.mean(0), stack.var(0)
 
 
 class Contender:
@@ -202,52 +243,183 @@ class Contender:
                 while not self.done and self.elapsed >= self.checkpoints[len(self.elbos)]:
                     self.elbos.append(train_elbo(self.net, subset))
 
-    def variance(self, x: Tensor, weights: dict[str, Tensor] | None = None) -> float:
-        """Guide-gradient variance at the trained parameters, or at ``weights`` (a
+    def moments(self, x: Tensor, weights: dict[str, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """Guide-gradient moments at the trained parameters, or at ``weights`` (a
         ``state_dict`` of another contender's net, put back afterwards)."""
         self.slot.restore()
         own = copy.deepcopy(self.net.state_dict())
         if weights is not None:
             self.net.load_state_dict(weights)
         try:
-            return guide_variance(self.objective, self.net, self.guide, x, self.args.grad_draws)
+            return guide_moments(self.objective, self.net, self.guide, x, self.args.grad_draws)
         finally:
             self.net.load_state_dict(own)
 
 
+class StorchSession:
+    """``storch_sbn.py`` under a Python with storchastic: one process for the whole
+    invocation, driven by one JSON command per line; files go through ``folder``."""
+
+    def __init__(self, python: str, folder: str) -> None:
+        self.folder, self.version = folder, "?"
+        self.log = open(os.path.join(folder, "stderr.log"), "w")  # noqa: SIM115
+        script = Path(__file__).resolve().with_name("storch_sbn.py")
+        self.process = subprocess.Popen(
+            [python, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self.log, text=True, cwd=folder)
+
+    def ask(self, **command: Any) -> dict[str, Any]:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        if stdin is None or stdout is None:
+            raise RuntimeError("storchastic companion: no pipes")
+        stdin.write(json.dumps(command) + "\n")
+        stdin.flush()
+        for line in stdout:
+            if line.startswith("@storch "):
+                return json.loads(line[len("@storch "):])
+        self.log.flush()
+        with open(self.log.name) as log:
+            tail = log.read()[-2000:]
+        raise RuntimeError(f"storchastic companion (storch_sbn.py) exited:\n{tail}")
+
+    def start(self, names: list[str], initial: SigmoidBeliefNet, data: Tensor, x: Tensor,
+              args: argparse.Namespace) -> dict[str, Any]:
+        """Builds one run per name (storchastic keys) from ``initial``'s weights."""
+        file = os.path.join(self.folder, "init.pt")
+        order = torch.randperm(50_000, generator=torch.Generator().manual_seed(args.seed))
+        torch.save({"data": data.to(torch.uint8), "order": order, "x": x,
+                    "initial": initial.state_dict()}, file)
+        reply = self.ask(cmd="init", file=file, names=names, layers=initial.num_layers,
+                         seed=args.seed, lr=args.lr, seconds=args.seconds, steps=args.steps,
+                         batch=BATCH, grad_draws=args.grad_draws, threads=args.threads,
+                         folder=self.folder)
+        if "error" in reply:
+            raise RuntimeError(f"storchastic companion: {reply['error']}")
+        self.version = reply["storchastic"]
+        return reply
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+class StorchContender:
+    """A storchastic estimator's run in the companion process, seen as a ``Contender``:
+    its checkpoints come back as files, and their ELBO is computed here."""
+
+    def __init__(self, name: str, session: StorchSession, initial: SigmoidBeliefNet,
+                 started: dict[str, Any], args: argparse.Namespace) -> None:
+        self.name, self.session, self.args = name, session, args
+        self.key = STORCH_ESTIMATORS[name]
+        self.failure: str = started["failed"].get(self.key, "")
+        self.evaluations: int = started["evaluations"].get(self.key, 0)
+        self.net = copy.deepcopy(initial)  # holds the checkpoints for the ELBO
+        self.elbos: list[float] = []
+        self.elapsed, self.step = 0.0, 0
+
+    @property
+    def done(self) -> bool:
+        return bool(self.failure) or len(self.elbos) == 3
+
+    def advance(self, data: Tensor, subset: Tensor, slice_seconds: float) -> None:
+        reply = self.session.ask(cmd="advance", name=self.key, seconds=slice_seconds,
+                                 tag=self.key)
+        if "error" in reply:
+            self.failure = reply["error"]
+            return
+        self.step, self.elapsed = reply["steps"], reply["elapsed"]
+        for path in reply["saved"][len(self.elbos):]:
+            self.net.load_state_dict(torch.load(path))
+            pyro.clear_param_store()  # the net's own weights, whatever the store held
+            self.elbos.append(train_elbo(self.net, subset))
+            pyro.clear_param_store()
+
+    def toy(self, draws: int) -> str:
+        """Mean over exact gradient on the toy (``storch_sbn.toy``), ± a standard error."""
+        reply = self.session.ask(cmd="toy", name=self.key, draws=draws)
+        if "error" in reply:
+            return "fails"
+        return f"{reply['ratio']:.3f} ± {reply['se']:.3f}"
+
+    def moments(self, x: Tensor, weights: dict[str, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor] | None:
+        if self.failure:
+            return None
+        path = None
+        if weights is not None:
+            path = os.path.join(self.session.folder, "common.pt")
+            torch.save(weights, path)
+        out = os.path.join(self.session.folder, f"moments_{self.key}.pt")
+        reply = self.session.ask(cmd="moments", name=self.key, weights=path, out=out)
+        if "error" in reply:
+            self.failure = reply["error"]
+            return None
+        moments = torch.load(out)
+        return moments["mean"], moments["var"]
+
+
 def run_all(
     names: list[str], initial: SigmoidBeliefNet, data: Tensor, subset: Tensor,
-    args: argparse.Namespace,
+    args: argparse.Namespace, session: StorchSession | None = None,
 ) -> list[Row]:
     """Trains every estimator in interleaved slices of 1/20 of the budget, so that drift in
     the machine's load hits every contender alike."""
     pyro.set_rng_seed(args.seed)
-    contenders = [Contender(name, initial, args) for name in names]
+    x = data[:BATCH]
+    contenders: list[Contender | StorchContender] = [
+        Contender(name, initial, args) for name in names if name in ESTIMATORS]
+    storch_names = [name for name in names if name in STORCH_ESTIMATORS]
+    if storch_names:
+        if session is None:
+            raise ValueError(f"{storch_names} need --storchastic PYTHON")
+        started = session.start([STORCH_ESTIMATORS[n] for n in storch_names], initial, data,
+                                x, args)
+        contenders += [StorchContender(n, session, initial, started, args)
+                       for n in storch_names]
+        order = {name: i for i, name in enumerate(names)}
+        contenders.sort(key=lambda c: order[c.name])
     while not all(c.done for c in contenders):
         for c in contenders:
             if not c.done:
                 c.advance(data, subset, args.seconds / 20)
-    x = data[:BATCH]
     reference = next((c for c in contenders if c.name == REFERENCE), contenders[0])
     weights = copy.deepcopy(reference.net.state_dict())
-    return [
-        Row(c.name, c.evaluations, c.step, c.elapsed, c.elbos, c.variance(x),
-            c.variance(x, weights))
-        for c in contenders
-    ]
+    rows = []
+    for c in contenders:
+        own = c.moments(x)
+        common = c.moments(x, weights)
+        nan = float("nan")
+        rows.append(Row(
+            c.name, c.evaluations, c.step, c.elapsed, c.elbos + [nan] * (3 - len(c.elbos)),
+            own[1].mean().item() if own is not None else nan,
+            common[1].mean().item() if common is not None else nan,
+            c.toy(10 * args.grad_draws) if isinstance(c, StorchContender) else "",
+            getattr(c, "failure", "")))
+    return rows
 
 
-def table(rows: list[Row], seconds: float) -> str:
+def table(rows: list[Row], seconds: float, toy: bool = False) -> str:
     lines = [
         f"| estimator | evals/step | steps/s | ELBO @ {seconds / 4:g} s | ELBO @ {seconds / 2:g} s"
-        f" | ELBO @ {seconds:g} s | grad variance (own) | grad variance (common) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f" | ELBO @ {seconds:g} s | grad variance (own) | grad variance (common) |"
+        + (" toy: mean / exact |" if toy else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if toy else ""),
     ]
     for r in rows:
+        if r.note and not r.steps:
+            lines.append(f"| {r.name} | {r.evaluations or ''} | fails: {r.note} |"
+                         + " |" * (4 + toy) + (f" {r.toy} |" if toy else ""))
+            continue
         lines.append(
-            f"| {r.name} | {r.evaluations} | {r.steps / r.seconds:.1f} | "
+            f"| {r.name}{' (fails later: ' + r.note + ')' if r.note else ''} | "
+            f"{r.evaluations} | {r.steps / r.seconds:.1f} | "
             + " | ".join(f"{e:.2f}" for e in r.elbo)
             + f" | {r.variance:.3g} | {r.common_variance:.3g} |"
+            + (f" {r.toy} |" if toy else "")
         )
     return "\n".join(lines)
 
@@ -318,6 +490,43 @@ def toy_table(t: float = 0.499, copies: int = 20_000, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+STORCH_NOTE = (
+    "\n\nstorchastic {version} (in its own Python, driven by `benchmarks/storch_sbn.py`): "
+    "same initial weights, batches and interleaved slices, its ELBO computed from its "
+    "checkpoints by the same code. Each layer is sampled by its own storchastic method "
+    "(its plates cannot be shared by two samples), so draws multiply across layers "
+    "(evals/step: runs of the model per step). storchastic RLOO: `ScoreFunction` with "
+    "its batch-average (leave-one-out) baseline, 2 draws per layer; REINFORCE + avg: its "
+    "moving average (decay 0.95; ours the same decay, bias-corrected); RELAX: its "
+    "default learned surrogate (200-50-1 ReLU MLP), no REBAR term, 1 run of the model. "
+    "Rows without *fixed* run storchastic's code unchanged; *fixed* rows patch its bugs "
+    "on this model (ARM: the log-density is not "
+    "summed over the 200 units, so every cost's direct gradient counts 200 times; DisARM: "
+    "an indexing error that raises once a data plate comes first, the antithetic cost "
+    "added where it must be subtracted, and the draw/partner plate weights (1, 0) "
+    "defined but never installed). *toy: mean / exact*: storchastic's mean gradient over "
+    "the exact one on E[(b - 0.45)^2], b ~ Bernoulli(sigmoid(theta)), "
+    "theta = 0, one unit, 1,000 copies in a data plate, {toy_draws} draws (± one standard "
+    "error; 1 when unbiased). Ours are checked against enumeration in the test suite."
+)
+
+
+def section(layers: int, names: list[str], data: Tensor, subset: Tensor,
+            args: argparse.Namespace, session: StorchSession | None) -> str:
+    """One model's table: a warm-up run, then the measured one."""
+    torch.manual_seed(args.seed)
+    initial = SigmoidBeliefNet((784, *([200] * layers)))
+    start_elbo = train_elbo(initial, subset)
+    warm = argparse.Namespace(**{**vars(args), "steps": 3, "grad_draws": 2})
+    run_all(names, initial, data, subset, warm, session)  # first calls allocate
+    rows = run_all(names, initial, data, subset, args, session)
+    for row in rows:
+        print(f"{layers} layer(s): {row}", flush=True)
+    title = f"### Linear SBN 784-{'-'.join(['200'] * layers)}, batch {BATCH}"
+    return (f"{title}\n\nELBO at initialization: {start_elbo:.2f}\n\n"
+            + table(rows, args.seconds, toy=session is not None))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="../shared/data/binarized_mnist.npz")
@@ -330,7 +539,12 @@ def main() -> None:
     parser.add_argument("--grad-draws", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", default="1,2", help="comma-separated: 1 and/or 2")
-    parser.add_argument("--estimators", default=",".join(ESTIMATORS))
+    parser.add_argument("--estimators", default=",".join(DEFAULT_ESTIMATORS),
+                        help=f"comma-separated, from {list(ESTIMATORS)} and (with "
+                        f"--storchastic) {list(STORCH_ESTIMATORS)}")
+    parser.add_argument("--storchastic", default=os.environ.get("STORCHASTIC_PYTHON"),
+                        help="a Python with storchastic installed (never our venv): adds "
+                        "storchastic's estimators to the run")
     parser.add_argument("--toy", action="store_true",
                         help="print the ARMS toy table (exact and measured) and exit")
     args = parser.parse_args()
@@ -341,27 +555,34 @@ def main() -> None:
     data = load_binarized_mnist(args.data, "train")
     subset = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[:1000]]
     names = [n.strip() for n in args.estimators.split(",")]
-    unknown = [n for n in names if n not in ESTIMATORS]
+    if args.storchastic and not any(n in STORCH_ESTIMATORS for n in names):
+        names += list(STORCH_ESTIMATORS)
+    unknown = [n for n in names if n not in ESTIMATORS and n not in STORCH_ESTIMATORS]
     if unknown:
-        parser.error(f"unknown estimator(s) {unknown}; choose from {list(ESTIMATORS)}")
-    sections = []
-    for layers in (int(n) for n in args.layers.split(",")):
-        torch.manual_seed(args.seed)
-        initial = SigmoidBeliefNet((784, *([200] * layers)))
-        start_elbo = train_elbo(initial, subset)
-        warm = argparse.Namespace(**{**vars(args), "steps": 3, "grad_draws": 2})
-        run_all(names, initial, data, subset, warm)  # first calls allocate: keep them out
-        rows = run_all(names, initial, data, subset, args)
-        for row in rows:
-            print(f"{layers} layer(s): {row}", flush=True)
-        title = f"### Linear SBN 784-{'-'.join(['200'] * layers)}, batch {BATCH}"
-        sections.append(f"{title}\n\nELBO at initialization: {start_elbo:.2f}\n\n"
-                        + table(rows, args.seconds))
+        parser.error(f"unknown estimator(s) {unknown}; choose from {list(ESTIMATORS)} "
+                     f"and {list(STORCH_ESTIMATORS)}")
+    if any(n in STORCH_ESTIMATORS for n in names) and not args.storchastic:
+        parser.error("storchastic's estimators need --storchastic PYTHON")
+    with tempfile.TemporaryDirectory(prefix="bench_storch_") as folder:
+        session = StorchSession(args.storchastic, folder) if args.storchastic else None
+        try:
+            sections = [section(layers, names, data, subset, args, session)
+                        for layers in (int(n) for n in args.layers.split(","))]
+        finally:
+            if session is not None:
+                session.close()
     capped = f" --steps {args.steps}" if args.steps < 10**9 else ""
     note = (f" Every estimator stops at {args.steps} steps (equal steps): an ELBO column "
             "whose time comes after that shows the ELBO at the cap." if capped else "")
+    if session is not None:
+        capped += f" --storchastic PYTHON --estimators \"{','.join(names)}\""
+        note += STORCH_NOTE.format(version=session.version, toy_draws=10 * args.grad_draws)
+    if args.out != parser.get_default("out"):
+        capped += f" --out {args.out}"
+    title = ("storchastic's estimators beside ours on binarized MNIST" if session is not None
+             else "Discrete-latent estimators on binarized MNIST")
     header = (
-        "## Discrete-latent estimators on binarized MNIST\n\n"
+        f"## {title}\n\n"
         f"`python benchmarks/bench_discrete.py --seconds {args.seconds:g}{capped}` "
         f"(lr {args.lr:g}, seed {args.seed}, {args.grad_draws} gradient draws, "
         f"{args.threads} thread(s); {machine()}, {versions()}).{note}\n\n"
