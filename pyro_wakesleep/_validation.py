@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -27,6 +27,19 @@ def check_int(value: Any, name: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_site_modules(spec: Any, owner: str, what: str) -> None:
+    """A per-site module option (``None``, one :class:`torch.nn.Module`, or a mapping of
+    site names to modules or ``None``).
+
+    :raises TypeError: naming the site, for anything else.
+    """
+    items = spec.items() if isinstance(spec, Mapping) else [("<all>", spec)]
+    for site, module in items:
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(f"{owner}: {what} for site '{site}' must be a torch.nn.Module, "
+                            f"got {module!r}")
 
 
 def check_bool(value: Any, name: str) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from pyro_wakesleep._validation import check_bool, check_int
+from pyro_wakesleep._validation import check_bool, check_int, check_site_modules
 from pyro_wakesleep.objectives.rebar import RebarELBO
 
 __all__ = ["RelaxELBO"]
@@ -76,11 +76,7 @@ class RelaxELBO(RebarELBO):
     def __init__(self, num_particles: int = 1, surrogate: SurrogateSpec = None,
                  relaxed_signal: bool = True, hidden: int = 32, **options: Any) -> None:
         super().__init__(num_particles, **options)
-        items = surrogate.items() if isinstance(surrogate, Mapping) else [("<all>", surrogate)]
-        for site, module in items:
-            if module is not None and not isinstance(module, nn.Module):
-                raise TypeError(f"RelaxELBO: surrogate for site '{site}' must be a "
-                                f"torch.nn.Module, got {module!r}")
+        check_site_modules(surrogate, "RelaxELBO", "surrogate")
         self.surrogate = surrogate
         self.relaxed_signal = check_bool(relaxed_signal, "relaxed_signal")
         self.hidden = check_int(hidden, "hidden")

@@ -10,7 +10,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from pyro_wakesleep._validation import check_int
+from pyro_wakesleep._validation import check_int, check_site_modules
 from pyro_wakesleep.control_variates import ControlVariate
 from pyro_wakesleep.objectives._gradient_informed import (
     GradientInformedELBO,
@@ -113,11 +113,7 @@ class RodeoELBO(GradientInformedELBO):
     def __init__(self, num_particles: int = 2, network: NetworkSpec = None, hidden: int = 100,
                  learn: bool = True, **options: Any) -> None:
         super().__init__(num_particles, learn, **options)
-        items = network.items() if isinstance(network, Mapping) else [("<all>", network)]
-        for site, module in items:
-            if module is not None and not isinstance(module, nn.Module):
-                raise TypeError(f"RodeoELBO: network for site '{site}' must be a "
-                                f"torch.nn.Module, got {module!r}")
+        check_site_modules(network, "RodeoELBO", "network")
         self.network = network
         self.hidden = check_int(hidden, "hidden")
 
