@@ -16,6 +16,13 @@ For a categorical variable :math:`z \\sim p = \\mathrm{softmax}(\\ell)` over the
   of Categorical Distributions Using the CatLog-Derivative Trick", NeurIPS) from every
   value, :math:`\\sum_{c \\in D} \\nabla p(c)\\, f(c)` (:func:`indecater_surrogate`).
 
+Categories of probability exactly 0 (log-probability :math:`-\\infty`) are outside the
+domain: :func:`support_log_probs` gives them :math:`-\\infty` exactly, Gumbel-top-k draws
+them only after every other category, and a set member of probability 0 is *absent*: it
+contributes no factor to the set's probability, a zero coefficient and nothing to the
+surrogate or its gradient, whatever :math:`f` is there. A set of :math:`k` draws from a
+support of :math:`m < k` categories is so the support itself, and the estimator exact.
+
 Nothing here knows about Pyro:
 :class:`~pyro_wakesleep.objectives.UnorderedSetELBO` and
 :class:`~pyro_wakesleep.objectives.IndecaterELBO` turn traces into these tensors. The
@@ -36,7 +43,9 @@ __all__ = [
     "log1mexp",
     "plackett_luce_log_prob",
     "set_log_probs",
+    "support_log_probs",
     "unordered_set_coefficients",
+    "unordered_set_surrogate",
 ]
 
 #: spacing of the quadrature grid of :func:`leave_one_out_log_ratios` (in :math:`y`)
@@ -58,6 +67,24 @@ def log1mexp(x: Tensor) -> Tensor:
                        torch.log1p(-torch.exp(-safe_large)))
 
 
+def support_log_probs(logits: Tensor, probs: Tensor) -> Tensor:
+    """Normalized log-probabilities that are exactly :math:`-\\infty` where ``probs`` is
+    exactly 0: ``log_softmax(logits)`` with those categories masked out first. A
+    distribution built from ``probs`` has logits clamped at :math:`\\log \\epsilon`
+    (PyTorch's ``probs_to_logits``), which would give a category the sampler never draws a
+    small positive probability; one built from logits has ``probs`` 0 where a logit is
+    :math:`-\\infty` (or so far below the others that its probability underflows), where the
+    sampler never draws it either. The masked entries get no gradient.
+
+    :param torch.Tensor logits: :math:`\\ell`, categories in the last dimension.
+    :param torch.Tensor probs: the probabilities of the same distribution, broadcastable
+        to ``logits``.
+    :return: ``(..., C)``, the broadcast shape; differentiable in ``logits``.
+    """
+    logits, zero = torch.broadcast_tensors(logits, probs == 0)
+    return torch.log_softmax(logits.masked_fill(zero, -math.inf), -1)
+
+
 def gumbel_top_k(logits: Tensor, k: int, first: Tensor | None = None) -> Tensor:
     """:math:`k` distinct categories drawn without replacement, in the order of the draws
     (Gumbel-top-k: the indices of the :math:`k` largest of :math:`\\ell_c + G_c`,
@@ -70,6 +97,10 @@ def gumbel_top_k(logits: Tensor, k: int, first: Tensor | None = None) -> Tensor:
     :math:`-\\log(e^{-M} + e^{-G'_c})` with :math:`G'_c \\sim \\mathrm{Gumbel}(\\ell_c)`.
     The ordered sample then has the law of unconditioned Gumbel-top-k with first element
     ``first`` (Maddison, Tarlow & Minka, 2014, the top-down construction of A* sampling).
+    Categories with logit :math:`-\\infty` have perturbed logit :math:`-\\infty` and come
+    after all others: with :math:`k` above the number :math:`m` of the others, the first
+    :math:`m` draws are those and the rest fill the set in no particular order (absent
+    members for :func:`unordered_set_coefficients`).
 
     :param torch.Tensor logits: :math:`\\ell`, categories in the last dimension.
     :param int k: the number of draws, at most the number of categories.
@@ -100,8 +131,9 @@ def set_log_probs(logits: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
 
     :param torch.Tensor logits: :math:`\\ell`, categories in the last dimension.
     :param torch.Tensor indices: distinct categories :math:`S`, ``(..., k)``.
-    :return: ``(log_p, log_rest)``: ``(..., k)``, differentiable, and ``(...)``, detached
-        (``-inf`` when :math:`S = D`).
+    :return: ``(log_p, log_rest)``: ``(..., k)``, differentiable (``-inf`` at members of
+        probability 0), and ``(...)``, detached (``-inf`` when :math:`S` holds all the
+        mass).
     """
     log_p_all = torch.log_softmax(logits, -1)
     log_p = log_p_all.gather(-1, indices)
@@ -161,7 +193,11 @@ def leave_one_out_log_ratios(log_p: Tensor, log_rest: Tensor) -> tuple[Tensor, T
     :math:`[-40, \\log(k + 1) + 3]` is accurate to about double precision; every factor
     :math:`\\log(1 - e^{-r e^y})` is formed from :math:`\\log r + y` (:func:`log1mexp`,
     with its series below :math:`e^{-20}`), and the integrals by log-sum-exp. A set with
-    all the mass (:math:`p(D \\setminus S) = 0`) gives :math:`R = 1` exactly.
+    all the mass (:math:`p(D \\setminus S) = 0`) gives :math:`R = 1` exactly. A member with
+    :math:`p(s) = 0` (``log_p`` :math:`-\\infty`) is absent: its factor is 1 (it would be 0
+    and :math:`p(S) = 0`), so the ratios are those of the set without it,
+    :math:`R(S, s) = 1`, :math:`R^{D \\setminus \\{s'\\}}(S, s) = 1` and
+    :math:`R^{D \\setminus \\{s\\}}(S, s') = R(S, s')`.
 
     :param torch.Tensor log_p: :math:`\\log p(s)`, :math:`s \\in S`, ``(..., k)``.
     :param torch.Tensor log_rest: :math:`\\log p(D \\setminus S)`, ``(...)``.
@@ -177,10 +213,13 @@ def leave_one_out_log_ratios(log_p: Tensor, log_rest: Tensor) -> tuple[Tensor, T
     grid = QUADRATURE_LOW + QUADRATURE_STEP * torch.arange(
         num, dtype=torch.float64, device=log_p.device)
     # x = log r_s + y, (..., k, N); factor log(1 - exp(-e^x))
-    x = (log_p - log_rest.unsqueeze(-1)).unsqueeze(-1) + grid
+    absent = (log_p == -math.inf).unsqueeze(-1)
+    x = (log_p.masked_fill(absent.squeeze(-1), 0.0) - log_rest.unsqueeze(-1)).unsqueeze(-1)
+    x = x + grid
     tiny = x < -20.0
     safe = torch.where(tiny, torch.zeros_like(x), x)
     factors = torch.where(tiny, x - 0.5 * torch.exp(x), log1mexp(torch.exp(safe)))
+    factors = factors.masked_fill(absent, 0.0)
     total = factors.sum(-2)  # (..., N)
     without_s = total.unsqueeze(-2) - factors  # (..., k, N)
     eye = torch.eye(k, dtype=torch.bool, device=log_p.device).unsqueeze(-1)
@@ -208,7 +247,10 @@ def unordered_set_coefficients(
     :math:`\\mathbb E_p[f]` from the other :math:`k - 1` draws, the term :math:`s' = s`
     being :math:`p(s) f(s)`; no further evaluations), or :math:`c_s = p(s) R(S, s) f(s)`
     without it. Unbiased for any :math:`k`; for :math:`k = 1` without the baseline it is
-    REINFORCE, and a set holding all the mass gives the exact gradient.
+    REINFORCE, and a set holding all the mass gives the exact gradient. Members with
+    :math:`p(s) = 0` are absent (see :func:`leave_one_out_log_ratios`): their coefficient
+    is 0 and their :math:`f(s)`, which may be anything, is not read; the others' are those
+    of the set without them.
 
     :param torch.Tensor log_p: :math:`\\log p(s)`, ``(..., k)``.
     :param torch.Tensor log_rest: :math:`\\log p(D \\setminus S)`, ``(...)``.
@@ -219,6 +261,7 @@ def unordered_set_coefficients(
     log_r1, log_r2 = leave_one_out_log_ratios(log_p, log_rest)
     log_p = log_p.detach().to(torch.float64)
     f64 = f.detach().to(torch.float64).expand(log_p.shape)
+    f64 = f64.masked_fill(log_p == -math.inf, 0.0)
     weight = torch.exp(log_p + log_r1)
     if baseline and log_p.shape[-1] > 1:
         inner = torch.exp(log_p.unsqueeze(-2) + log_r2)  # [..., s, s']
@@ -228,16 +271,36 @@ def unordered_set_coefficients(
     return (weight * advantage).to(f.dtype)
 
 
+def unordered_set_surrogate(
+    log_p: Tensor, log_rest: Tensor, f: Tensor, baseline: bool = True
+) -> Tensor:
+    """The surrogate :math:`\\sum_{s \\in S} c_s \\log p(s)` of the unordered-set estimator,
+    whose gradient is the estimate of :math:`\\nabla \\mathbb E_p[f]`, with the coefficients
+    of :func:`unordered_set_coefficients`; absent members (:math:`p(s) = 0`) contribute
+    nothing to its value or gradient.
+
+    :param torch.Tensor log_p: :math:`\\log p(s)`, ``(..., k)``, differentiable.
+    :param torch.Tensor log_rest: :math:`\\log p(D \\setminus S)`, ``(...)``.
+    :param torch.Tensor f: :math:`f(s)`, broadcastable to ``log_p``.
+    :param bool baseline: use the built-in baseline.
+    :return: ``(...)``; differentiable in ``log_p``.
+    """
+    coefficients = unordered_set_coefficients(log_p, log_rest, f, baseline)
+    return (coefficients * log_p.masked_fill(log_p == -math.inf, 0.0)).sum(-1)
+
+
 def indecater_surrogate(logits: Tensor, f: Tensor) -> Tensor:
     """The surrogate of IndeCateR for one categorical variable,
     :math:`\\sum_{c \\in D} p(c) \\, \\bot f(c)`, whose gradient is the exact
     :math:`\\sum_c \\nabla p(c) f(c)` given the evaluations :math:`f(c)` (De Smet,
     Sansone & Zuidberg Dos Martires, 2023, eq. 9; the CatLog-derivative trick with the
     other variables sampled). Constants in :math:`f` contribute nothing
-    (:math:`\\sum_c \\nabla p(c) = 0`), so no baseline is needed.
+    (:math:`\\sum_c \\nabla p(c) = 0`), so no baseline is needed. Categories with logit
+    :math:`-\\infty` contribute nothing, whatever :math:`f` is there (it is not read).
 
     :param torch.Tensor logits: :math:`\\ell`, categories in the last dimension.
     :param torch.Tensor f: :math:`f(c)` for every category, the shape of ``logits``.
     :return: the surrogate, ``logits.shape[:-1]``; differentiable in ``logits``.
     """
-    return (torch.softmax(logits, -1) * f.detach()).sum(-1)
+    f = f.detach().masked_fill(logits.detach() == -math.inf, 0.0)
+    return (torch.softmax(logits, -1) * f).sum(-1)

@@ -2,29 +2,50 @@
 each with every latent configuration listed, and their exact ELBO by enumeration."""
 
 import itertools
+import math
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from checks import params_of
+from torch.distributions import Bernoulli, Categorical, Independent
 
 XS = torch.tensor([-1.5, 0.4, 2.5])
 
 
 def exact_elbo(model, guide, configs, *args, **kwargs):
     """E_q[log p - log q] by enumerating every joint configuration of the guide sites
-    (``configs``: site -> list of its full values); differentiable in the params."""
+    (``configs``: site -> list of its full values) of positive guide probability (those
+    of probability 0 contribute nothing); differentiable in the params."""
     names = list(configs)
     total = 0.0
     for values in itertools.product(*(configs[n] for n in names)):
         data = dict(zip(names, values, strict=True))
         guide_trace = poutine.trace(poutine.condition(guide, data)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.condition(model, data)).get_trace(*args, **kwargs)
+        if any(never_drawn(guide_trace.nodes[n]["fn"], data[n]) for n in names):
+            continue
         log_q = sum(guide_trace.nodes[n]["fn"].log_prob(data[n]).sum() for n in names)
+        model_trace = poutine.trace(poutine.condition(model, data)).get_trace(*args, **kwargs)
         log_p = model_trace.log_prob_sum()
         total = total + log_q.exp() * (log_p - log_q)
     return total
+
+
+def never_drawn(fn, value):
+    """Whether ``value`` has probability exactly 0 under a (possibly ``Independent``)
+    ``Categorical`` or ``Bernoulli`` ``fn``, whose sampler so never draws it (a
+    distribution built from ``probs`` has clamped, finite logits there)."""
+    while isinstance(fn, Independent):
+        fn = fn.base_dist
+    if isinstance(fn, Bernoulli):
+        probs = torch.where(value == 1, fn.probs, 1.0 - fn.probs)
+    elif isinstance(fn, Categorical):
+        probs = fn.probs.expand(value.shape + fn.probs.shape[-1:])
+        probs = probs.gather(-1, value.long().unsqueeze(-1))
+    else:
+        return False
+    return bool((probs == 0).any())
 
 
 def all_values(shape, classes, one_hot=False):
@@ -230,3 +251,103 @@ def control_flow():
         return (lq_z.exp() * (lp_z - lq_z + inner)).sum()
 
     return model, guide, params, exact
+
+
+#: the support of each datapoint's categorical in ``zero_probs`` (rows repeat): 4, 2, 1
+SUPPORT = torch.tensor([[1, 1, 1, 1], [0, 1, 0, 1], [0, 0, 1, 0]], dtype=torch.bool)
+
+
+def zero_probs(kind="logits", support=SUPPORT):
+    """``data_plate`` with categories of probability 0 in guide and model alike (a
+    constrained assignment): datapoint ``i`` may take the categories ``support[i %
+    len(support)]`` (by default 4, 2 and 1 of them). ``kind="logits"``: the guide's logits
+    are -inf outside; ``"probs"``: its probs are 0 there. The model's log-density is -inf
+    at those values, so a run there would raise. The configurations listed are those of
+    ``len(support)`` datapoints."""
+    params = params_of({
+        "theta": torch.tensor([0.5, -0.3, 0.0, 0.8]),
+        "mu": torch.tensor([-2.0, 0.0, 1.0, 3.0]),
+        "a": torch.tensor([[0.2, -0.5], [0.1, 0.0], [-0.3, 0.4], [0.0, 0.9]]),
+    })
+
+    def rows(x):
+        return support[torch.arange(len(x)) % len(support)]
+
+    def model(x):
+        theta, mu = pyro.param("theta"), pyro.param("mu")
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(logits=theta.masked_fill(~rows(x),
+                                                                           -math.inf)))
+            pyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+
+    def guide(x):
+        a = pyro.param("a")
+        with pyro.plate("data", len(x)):
+            logits = (a[:, 0] + a[:, 1] * x.unsqueeze(-1)).masked_fill(~rows(x), -math.inf)
+            if kind == "logits":
+                pyro.sample("z", dist.Categorical(logits=logits))
+            else:
+                pyro.sample("z", dist.Categorical(probs=torch.softmax(logits, -1)))
+
+    return model, guide, params, {"z": all_values((len(support),), 4)}
+
+
+def bernoulli_sbn(units=2):
+    """A two-layer sigmoid belief net per datapoint: ``z1`` (``units`` Bernoulli in an
+    ``Independent``), ``z2 | z1`` (``units`` Bernoulli in a plate whose elements share
+    the observation: a joint plate dim), ``x | z1, z2`` Normal; the guide ``z1 | x``,
+    ``z2 | z1, x``."""
+    params = params_of({
+        "prior": torch.tensor([0.3, -0.4])[:units],
+        "w": torch.tensor([[0.8, -0.6], [0.2, 0.5]])[:units, :units],
+        "v": torch.tensor([1.5, -1.0])[:units],
+        "u": torch.tensor([0.7, 0.4])[:units],
+        "a": torch.tensor([[0.2, -0.5], [0.4, 0.3]])[:units],
+        "b": torch.tensor([[0.3, -0.2], [-0.4, 0.6]])[:units, :units],
+        "c": torch.tensor([0.1, -0.3])[:units],
+    })
+
+    def model(x):
+        prior, w, v, u = (pyro.param(n) for n in ("prior", "w", "v", "u"))
+        with pyro.plate("data", len(x), dim=-2):
+            z1 = pyro.sample("z1", dist.Bernoulli(logits=prior.expand(len(x), 1, units))
+                             .to_event(1))
+            with pyro.plate("units", units, dim=-1):
+                z2 = pyro.sample("z2", dist.Bernoulli(logits=(z1 @ w).squeeze(-2)))
+            loc = (z2 * v).sum(-1, keepdim=True) + (z1 * u).sum(-1)
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x.reshape(-1, 1))
+
+    def guide(x):
+        a, b, c = pyro.param("a"), pyro.param("b"), pyro.param("c")
+        with pyro.plate("data", len(x), dim=-2):
+            logits1 = (a[:, 0] + a[:, 1] * x.reshape(-1, 1)).unsqueeze(-2)
+            z1 = pyro.sample("z1", dist.Bernoulli(logits=logits1).to_event(1))
+            with pyro.plate("units", units, dim=-1):
+                pyro.sample("z2", dist.Bernoulli(
+                    logits=(z1 @ b).squeeze(-2) + c * x.reshape(-1, 1)))
+
+    x = XS[:1]
+    bits = [v.float() for v in all_values((1, units), 2)]
+    return model, guide, params, {"z1": [v.unsqueeze(-2) for v in bits], "z2": bits}, x
+
+
+def bernoulli_plate(n=3):
+    """One Bernoulli latent per datapoint in a data plate (no later sites), the guide's
+    probability 1 for every third datapoint (``probs`` exactly 1: the value 0 has
+    probability 0)."""
+    params = params_of({"prior": torch.tensor(0.2), "mu": torch.tensor([-1.0, 2.0]),
+                        "a": torch.tensor([0.3, -0.7])})
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Bernoulli(logits=pyro.param("prior")))
+            pyro.sample("x", dist.Normal(pyro.param("mu")[z.long()], 1.0), obs=x)
+
+    def guide(x):
+        a = pyro.param("a")
+        with pyro.plate("data", len(x)):
+            sure = torch.arange(len(x)) % 3 == 2
+            p = torch.where(sure, 1.0, torch.sigmoid(a[0] + a[1] * x))
+            pyro.sample("z", dist.Bernoulli(probs=p))
+
+    return model, guide, params, {"z": [v.float() for v in all_values((n,), 2)]}

@@ -300,18 +300,14 @@ def test_jit_gives_the_eager_steps(vectorize):
     torch.testing.assert_close(a_jit, a, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fn,name", [
-    (lambda: dist.Bernoulli(0.3), "Bernoulli"),
-    (lambda: dist.Poisson(2.0), "Poisson"),
-])
-def test_unsupported_site_names_site_and_type(fn, name):
+def test_unsupported_site_names_site_and_type():
     def model():
-        pyro.sample("w", fn())
+        pyro.sample("w", dist.Poisson(2.0))
 
     def guide():
-        pyro.sample("w", fn())
+        pyro.sample("w", dist.Poisson(2.0))
 
-    with pytest.raises(ValueError, match=f"site 'w'.*{name}"):
+    with pytest.raises(ValueError, match="site 'w'.*Poisson.*use ScoreFunctionELBO"):
         UnorderedSetELBO(2).loss(model, guide)
 
 

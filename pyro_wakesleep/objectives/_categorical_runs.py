@@ -19,11 +19,20 @@ run again :math:`J A` times (one vectorized pass, or one run each with
 putting the variant at :math:`s` and drawing the later sites afresh; the site's learning
 signal in each variant is read off per element. Kept apart from the objectives because
 both use it; each objective documents its estimator.
+
+A ``Bernoulli`` site is a two-category one: its value is the category index, its
+log-probabilities :math:`(\\log(1 - p), \\log p)` from its logits, and the variants are
+handed to the programs as the Bernoulli's floats. Categories the guide's sampler never
+draws (``probs`` exactly 0, e.g. logits :math:`-\\infty`) get log-probability
+:math:`-\\infty` (:func:`~pyro_wakesleep.categorical.support_log_probs`); the objectives
+never run a variant at such a category: the signal there is the main draw's, and the
+estimators give it no weight.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -32,9 +41,10 @@ import torch.nn.functional as F
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
-from torch.distributions import Categorical, Independent, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Independent, OneHotCategorical
 
 from pyro_wakesleep._replay import replay_draws
+from pyro_wakesleep.categorical import support_log_probs
 from pyro_wakesleep.downstream import downstream_sites, learning_signals
 from pyro_wakesleep.particles import (
     Particles,
@@ -57,14 +67,17 @@ class CategoricalSite(NamedTuple):
     *event)`` (batch dims padded to the plate nesting :math:`P`).
 
     :param str name: the site's name.
-    :param torch.Tensor logits: normalized log-probabilities, ``(*T, C)``, differentiable.
+    :param torch.Tensor logits: normalized log-probabilities, ``(*T, C)``, differentiable;
+        exactly ``-inf`` at categories of probability 0
+        (:func:`~pyro_wakesleep.categorical.support_log_probs`; a Bernoulli's are
+        :math:`(\\log(1 - p), \\log p)`).
     :param torch.Tensor draws: the main run's draws as category indices, ``T``, long.
     :param torch.Tensor position: the variable each element belongs to (a flat index over
         the joint dims), ``T``, long.
     :param int num_variables: :math:`J`, the number of variables.
     :param bool one_hot: whether values are one-hot (``OneHotCategorical``).
     :param torch.Size shape: the site's value shape in the main run.
-    :param torch.dtype dtype: the site's value dtype.
+    :param torch.dtype dtype: the site's value dtype (a Bernoulli's float).
     """
 
     name: str
@@ -80,7 +93,8 @@ class CategoricalSite(NamedTuple):
 #: an objective's estimator for one site: ``(site, f_main, evaluate) -> surrogate``,
 #: where ``f_main`` is the main run's learning signal per element (``T``) and
 #: ``evaluate(alternatives)`` returns the signal with each variable set to each of the
-#: ``(A, *T)`` alternatives, ``(A, *T)``
+#: ``(A, *T)`` alternatives, ``(A, *T)`` (at an alternative of probability 0, the main
+#: draw's signal: the estimator must give it no weight)
 SiteEstimator = Callable[[CategoricalSite, Tensor, Callable[[Tensor], Tensor]], Tensor]
 
 
@@ -93,22 +107,28 @@ def _base(fn: Any) -> tuple[Any, int]:
 
 
 def _site(name: str, main: Particles, objective: str) -> CategoricalSite | None:
-    """The categorical view of a guide site, ``None`` for a reparameterizable one; raises
-    for any other site."""
+    """The categorical view of a guide site (a Bernoulli as two categories), ``None`` for
+    a reparameterizable one; raises for any other site."""
     (model_trace, guide_trace), = main.traces
     node: Any = guide_trace.nodes[name]
     fn, event = _base(node["fn"])
-    if not isinstance(fn, (Categorical, OneHotCategorical)):
+    if not isinstance(fn, (Categorical, OneHotCategorical, Bernoulli)):
         if node["fn"].has_rsample:
             return None
         raise ValueError(
             f"{objective}: guide site '{name}' has distribution {type(node['fn']).__name__} "
-            f"({type(fn).__name__}), which is neither reparameterizable nor Categorical or "
-            "OneHotCategorical; use ScoreFunctionELBO, VimcoELBO or DisarmELBO for it"
+            f"({type(fn).__name__}), which is neither reparameterizable nor Categorical, "
+            "OneHotCategorical or Bernoulli; use ScoreFunctionELBO, VimcoELBO or DisarmELBO "
+            "for it"
         )
     one_hot = isinstance(fn, OneHotCategorical)
     value = node["value"]
     index = value.argmax(-1) if one_hot else value.long()
+    if isinstance(fn, Bernoulli):  # categories 0 and 1: log(1 - p) = -softplus(logit)
+        logits = torch.stack([-F.softplus(fn.logits), -F.softplus(-fn.logits)], -1)
+        logits = support_log_probs(logits, torch.stack([1.0 - fn.probs, fn.probs], -1))
+    else:
+        logits = support_log_probs(fn.logits, fn.probs)
     nesting = main.max_plate_nesting
     batch = index.dim() - event
     if batch > nesting:
@@ -118,7 +138,6 @@ def _site(name: str, main: Particles, objective: str) -> CategoricalSite | None:
         )
     shape = (1,) * (nesting - batch) + tuple(index.shape)
     index = index.reshape(shape)
-    logits = torch.log_softmax(fn.logits, -1)
     logits = logits.reshape((1,) * (len(shape) + 1 - logits.dim()) + logits.shape)
     logits = logits.expand(shape + logits.shape[-1:])
     # parallel dims: plates of the site that every term depending on it shares
@@ -136,6 +155,15 @@ def _site(name: str, main: Particles, objective: str) -> CategoricalSite | None:
     position = torch.arange(count, device=index.device).reshape(sizes).expand(shape)
     return CategoricalSite(name, logits, index, position, count, one_hot,
                            value.shape, value.dtype)
+
+
+def _possible(site: CategoricalSite, alternatives: Tensor) -> Tensor:
+    """``alternatives`` (category indices, ``(A, *T)``) with each category of probability 0
+    replaced by the main run's draw, so that no variant runs the programs at a value the
+    guide cannot draw (its coefficient is 0 whatever the signal there)."""
+    log_p = site.logits.detach().expand(alternatives.shape[:1] + site.logits.shape)
+    zero = log_p.gather(-1, alternatives.unsqueeze(-1)).squeeze(-1) == -math.inf
+    return torch.where(zero, site.draws, alternatives)
 
 
 def _expand(node: Mapping[str, Any], num: int, nesting: int) -> Any:
@@ -221,7 +249,7 @@ def categorical_step(
             def evaluate(alternatives: Tensor, site: CategoricalSite = site,
                          main: Particles = main) -> Tensor:
                 f = _variant_signals(objective, model, guide, args, kwargs, main, site,
-                                     alternatives)
+                                     _possible(site, alternatives))
                 check_all_finite([(f, f"learning signal at site '{site.name}'")])
                 return f
 

@@ -19,7 +19,7 @@ class IndecaterELBO(Objective):
     """The ELBO with IndeCateR gradients (De Smet, Sansone & Zuidberg Dos Martires, 2023,
     "Differentiable Sampling of Categorical Distributions Using the CatLog-Derivative
     Trick", NeurIPS) for categorical guide sites (``Categorical``,
-    ``OneHotCategorical``).
+    ``OneHotCategorical``, and ``Bernoulli`` as two categories).
 
     For a site of :math:`J` independent categorical variables :math:`z_1, \\ldots, z_J`
     (its event dims, or plates whose elements feed a common term) with
@@ -42,6 +42,12 @@ class IndecaterELBO(Objective):
     vectorized pass per site with ``vectorize_particles=True``). Unbiased; for a single
     categorical variable with no later sites it is the exact gradient.
 
+    A category of probability 0 (``probs`` exactly 0, e.g. logits :math:`-\\infty`)
+    contributes nothing: the programs are not run at it (its variant repeats the draw,
+    with weight :math:`p_j(c) = 0`), so the sum is exactly over the support, without NaN.
+    A ``Bernoulli`` site is two categories, :math:`(\\log(1 - p), \\log p)` from the
+    logits, the value handed to the programs as the Bernoulli's float.
+
     Reparameterizable sites get pathwise gradients and the model's parameters the
     gradient of :math:`\\log p`, both from the :math:`K` main draws, whose average ELBO is
     also the reported ``-loss``. There is no running state.
@@ -52,7 +58,7 @@ class IndecaterELBO(Objective):
         with the meaning :class:`~pyro_wakesleep.objectives.Objective` gives them;
         ``vectorize_particles`` applies to the :math:`J C` runs of each site.
     :raises ValueError: at a step, for a guide site that is neither reparameterizable nor
-        categorical (naming it).
+        categorical or Bernoulli (naming it).
     """
 
     def __init__(self, num_particles: int = 1, **options: Any) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from pyro_wakesleep._validation import check_bool, check_int
-from pyro_wakesleep.categorical import gumbel_top_k, set_log_probs, unordered_set_coefficients
+from pyro_wakesleep.categorical import gumbel_top_k, set_log_probs, unordered_set_surrogate
 from pyro_wakesleep.objectives._categorical_runs import CategoricalSite, categorical_step
 from pyro_wakesleep.objectives.base import Objective
 
@@ -19,7 +19,8 @@ __all__ = ["UnorderedSetELBO"]
 class UnorderedSetELBO(Objective):
     """The ELBO with the unordered-set policy gradient (Kool, van Hoof & Welling, 2020,
     "Estimating Gradients for Discrete Random Variables by Sampling without Replacement",
-    ICLR) for categorical guide sites (``Categorical``, ``OneHotCategorical``).
+    ICLR) for categorical guide sites (``Categorical``, ``OneHotCategorical``, and
+    ``Bernoulli`` as two categories).
 
     For each variable :math:`z` of a categorical site, with :math:`p = q_\\phi(z \\mid
     \\ldots)`, the guide's draw :math:`s_1` is completed to :math:`k` distinct values
@@ -48,12 +49,24 @@ class UnorderedSetELBO(Objective):
     other estimators. Unbiased for every :math:`k`; a set that holds all the mass (e.g.
     :math:`k` equal to the number of categories) gives the exact gradient.
 
+    *Zero-probability categories* (``probs`` exactly 0, e.g. logits :math:`-\\infty`) are
+    outside the domain: they are never drawn while a category of positive probability is
+    left, and where :math:`k` exceeds a variable's support (rows of a batch may differ)
+    the set is the whole support, so that variable's gradient is the exact sum over it;
+    the surplus members are absent (weight 0, no run at an impossible value, no NaN).
+    *Bernoulli sites* are two categories, :math:`(\\log(1 - p), \\log p)` from the logits,
+    the value handed to the programs as the Bernoulli's float: :math:`k = 2` sums over
+    both values of each variable (exact for one variable without later sites),
+    :math:`k = 1` is REINFORCE without a baseline (the built-in one needs :math:`k \\ge
+    2`).
+
     Reparameterizable sites get pathwise gradients and the model's parameters the
     gradient of :math:`\\log p`, both from the main runs, whose average ELBO is also the
     reported ``-loss``. There is no running state.
 
     :param int num_particles: :math:`k`, the size of the set drawn without replacement
-        per variable (at most the number of categories; more is capped there).
+        per variable (at most the number of categories; more is capped there, and at a
+        variable's support the surplus is absent).
     :param bool baseline: use the built-in baseline (default ``True``).
     :param int num_sets: independent main runs (each with its sets) averaged per step
         (default 1).
@@ -62,7 +75,7 @@ class UnorderedSetELBO(Objective):
         with the meaning :class:`~pyro_wakesleep.objectives.Objective` gives them;
         ``vectorize_particles`` applies to the :math:`k - 1` runs of each variable.
     :raises ValueError: at a step, for a guide site that is neither reparameterizable nor
-        categorical (naming it).
+        categorical or Bernoulli (naming it).
     """
 
     def __init__(self, num_particles: int = 2, baseline: bool = True, *, num_sets: int = 1,
@@ -83,8 +96,7 @@ class UnorderedSetELBO(Objective):
         else:
             f = f_main.unsqueeze(-1)
         log_p, log_rest = set_log_probs(site.logits, sets)
-        coefficients = unordered_set_coefficients(log_p, log_rest, f, self.baseline)
-        return (coefficients * log_p).sum(-1)
+        return unordered_set_surrogate(log_p, log_rest, f, self.baseline)
 
     def loss_and_surrogate(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
