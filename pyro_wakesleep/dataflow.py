@@ -83,6 +83,7 @@ _METADATA_NAMES = frozenset({
 _HOLDERS = (torch.distributions.Distribution, torch.distributions.transforms.Transform)
 _SEQ = (list, tuple)
 _TENSOR_OR_SEQ = (Tensor, list, tuple)
+_MASK_DTYPES = (torch.bool, torch.uint8)
 _READ_TYPES = (bool, int, float, complex, str, list, np.ndarray, np.generic)
 
 
@@ -103,9 +104,15 @@ def _aten_names(tag: torch.Tag) -> frozenset[str]:
 
 def _has_mask(args: tuple) -> bool:
     """Whether an indexing call's index holds a boolean tensor."""
-    index = args[1] if len(args) > 1 else None
-    items = index if isinstance(index, tuple | list) else (index,)
-    return any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in items)
+    if len(args) < 2:
+        return False
+    index = args[1]
+    if type(index) is tuple or type(index) is list:
+        for item in index:  # noqa: SIM110 (a loop, not any(): runs at every indexing call)
+            if isinstance(item, Tensor) and item.dtype in _MASK_DTYPES:
+                return True
+        return False
+    return isinstance(index, Tensor) and index.dtype in _MASK_DTYPES
 
 
 class Read(NamedTuple):

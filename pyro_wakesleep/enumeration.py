@@ -47,6 +47,7 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
 from pyro.ops.rings import LogRing
 from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.runtime import _ENUM_ALLOCATOR
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
@@ -62,13 +63,40 @@ SUMMED = "_pyro_wakesleep_summed"
 _DEPENDS = "dataflow_depends"
 
 
+def _nothing_allocated() -> bool:
+    """Whether no enumeration dim (global or markov-local) has been allocated in this
+    program so far: every allocation takes a fresh id."""
+    return getattr(_ENUM_ALLOCATOR, "next_available_id", 1) == 0
+
+
 class Enumerate(EnumMessenger):
-    """:func:`pyro.poutine.enum` that reads each value's shape without a tensor op
-    (Pyro's reads ``value.data``, a ``detach`` at every sample site, enumerated or not)."""
+    """:func:`pyro.poutine.enum` that costs next to nothing at sites before the first
+    enumerated one, and reads each value's shape without a tensor op (Pyro's reads
+    ``value.data``, a ``detach`` at every sample site, enumerated or not).
+
+    Until a program allocates its first enumeration dim, every site's upstream dims
+    (``_param_dims``) and exposed dims (``_value_dims``) are empty, which this records
+    directly; the markov depths are kept as Pyro keeps them. From the first enumerated
+    site on, Pyro's code runs unchanged."""
+
+    def _pyro_sample(self, msg: Any) -> None:
+        infer = msg["infer"]
+        if msg["done"] or not isinstance(msg["fn"], TorchDistributionMixin) or infer is None \
+                or not _nothing_allocated() or (
+                    not msg["is_observed"] and infer.get("enumerate") == "parallel"):
+            super()._pyro_sample(msg)
+            return
+        if infer.get("_markov_scope") is not None:
+            self._markov_depths[msg["name"]] = infer["_markov_depth"]
+        self._param_dims[msg["name"]] = {}
 
     def _pyro_post_sample(self, msg: Any) -> None:
         value = msg["value"]
         if value is None or not isinstance(msg["fn"], TorchDistributionMixin):
+            return
+        if _nothing_allocated() and not self._param_dims.get(msg["name"]):
+            msg["infer"].setdefault("_dim_to_id", {})
+            self._value_dims[msg["name"]] = {}
             return
         shape = value.shape[:len(value.shape) - msg["fn"].event_dim]
         dim_to_id = msg["infer"].setdefault("_dim_to_id", {})
