@@ -10,8 +10,8 @@ outputs). Modules: :mod:`.options` (``jit_options``), :mod:`.signature` (what a 
 is valid for), :mod:`.checks` (what recording refuses, by mechanism), :mod:`.recording`,
 :mod:`.simplify` (graph passes), :mod:`.verification` (replays checked against the eager
 step), :mod:`.step` (the dispatch), and the training step around it: :mod:`.training`
-(loss, gradients and optimizer update recorded together) and :mod:`.optimizers` (the
-updates of torch's Adam, AdamW and SGD, operation for operation).
+(loss, gradients and optimizer update recorded together, by :mod:`.below_autograd`) and
+:mod:`.optimizers` (the updates of torch's Adam, AdamW and SGD, operation for operation).
 """
 
 from pyro_wakesleep.compiled.options import check_jit_options

@@ -22,6 +22,7 @@ from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor, fx, nn
 from torch._guards import TracingContext, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.fx.experimental import proxy_tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -174,7 +175,9 @@ def record(objective: Any, model: Callable, guide: Callable, signature: ArgSigna
         # one fake-tensor mode for the metadata of every recorded value (without a
         # tracing context, make_fx builds a new one per value: most of the recording time)
         context = TracingContext(FakeTensorMode(allow_fallback_kernels=True))
-        with pyro.poutine.block(), warnings.catch_warnings(), tracing(context), meta_values():
+        # a lazy graph module generates its code once, when first called after simplify()
+        with pyro.poutine.block(), warnings.catch_warnings(), tracing(context), \
+                meta_values(), _use_lazy_graph_module(True):
             warnings.simplefilter("ignore")  # the eager first step showed them
             module = make_fx(step, tracing_mode="real", pre_dispatch=True)(
                 *params, *tensors, *saved

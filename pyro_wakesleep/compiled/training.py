@@ -6,7 +6,7 @@ It extends a recorded loss step (:class:`~pyro_wakesleep.compiled.recording.Grap
 which was checked when it was recorded): the loss graph, its differentiation with
 :func:`torch.autograd.grad` and the optimizer update
 (:mod:`pyro_wakesleep.compiled.optimizers`) are recorded with
-:func:`~torch.fx.experimental.proxy_tensor.make_fx` below autograd, as one flat graph of
+:func:`~pyro_wakesleep.compiled.below_autograd.record_below_autograd`, as one flat graph of
 tensor operations; no program of the user runs while recording, so the checks of the
 loss recording (which refuse differentiation inside the user's step) still hold and the
 only differentiation recorded is this one. It is replayed as two calls: the forward and
@@ -34,12 +34,12 @@ import pyro
 import torch
 from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor
-from torch.fx.experimental.proxy_tensor import make_fx
 
+from pyro_wakesleep.compiled.below_autograd import record_below_autograd
 from pyro_wakesleep.compiled.checks import Refused
 from pyro_wakesleep.compiled.optimizers import NOT_YET, Binding, bind, update_fn
 from pyro_wakesleep.compiled.options import verifies
-from pyro_wakesleep.compiled.recording import Graph, meta_values
+from pyro_wakesleep.compiled.recording import Graph
 from pyro_wakesleep.compiled.signature import ArgSignature, plain_stack
 from pyro_wakesleep.compiled.verification import (
     EXACT,
@@ -114,8 +114,8 @@ def record_forward(graph: Graph, params: list[Tensor], inputs: list[Tensor],
     before = [t.detach().clone() for t in threaded]
     try:
         leaves = [p.detach().requires_grad_(True) for p in params]
-        with torch.enable_grad(), meta_values():
-            traced = make_fx(forward, tracing_mode="real")(*leaves, *inputs, *state, *threaded)
+        with torch.enable_grad():
+            traced = record_below_autograd(forward, *leaves, *inputs, *state, *threaded)
     except Refused:
         raise
     except Exception as error:
@@ -143,8 +143,8 @@ def record_update(binding: Binding, params: list[Tensor], grads: list[Tensor],
         update(*values)
         return ()
 
-    with torch.no_grad(), meta_values():
-        traced = make_fx(run, tracing_mode="real")(*copies, scalars)
+    with torch.no_grad():
+        traced = record_below_autograd(run, *copies, scalars)
     return _compile(traced, compile)
 
 
