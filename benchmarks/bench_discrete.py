@@ -1,7 +1,10 @@
 """Benchmark: multi-sample and antithetic estimators for discrete latents.
 
 Sigmoid belief nets on binarized MNIST as in the RELAX paper's Table 1 (linear, one layer
-784-200 and two layers 784-200-200, batch 24), trained with, in one run:
+784-200 and two layers 784-200-200, batch 24) and the DisARM, ARMS and RODEO papers'
+nonlinear one (``--layers nonlinear``: one stochastic layer of 200 units, recognition and
+generative networks each with two deterministic hidden layers of 200 LeakyReLU(0.3)
+units, 784-200-200-[200]-200-200-784), trained with, in one run:
 
 * ``VimcoELBO`` with K = 2, 5, 10 (the importance-weighted bound, VIMCO baselines);
 * ``DisarmELBO`` (and its ARM variant) with one antithetic group per step;
@@ -47,7 +50,8 @@ checkpoints by the same code and its gradient variance at the same two points. T
 then also reports a bias check of storchastic's estimators: their mean gradient over the
 exact one on a toy, :math:`\\mathbb E[(b - 0.45)^2]` (``storch_sbn.toy``).
 
-Run: ``python benchmarks/bench_discrete.py --seconds 10``; ``--toy`` prints instead the
+Run: ``python benchmarks/bench_discrete.py --seconds 10`` (``--layers 1,2,nonlinear`` for all
+three models); ``--toy`` prints instead the
 ARMS paper's toy, :math:`\\mathbb E[(b - t)^2]` with :math:`t = 0.499`: exact gradient
 variances of ARMS, DisARM and RLOO at equal evaluations, and ARMS's measured through
 ``DisarmELBO``.
@@ -80,7 +84,7 @@ from common import (
     write_table,
 )
 from pyro.infer import ELBO, SVI, TraceGraph_ELBO
-from torch import Tensor
+from torch import Tensor, nn
 
 from pyro_wakesleep import MovingAverageBaseline
 from pyro_wakesleep.examples.datasets import load_binarized_mnist
@@ -97,6 +101,36 @@ BATCH = 24
 #: the contender whose trained parameters serve as the common point for the variances
 REFERENCE = "RLOO"
 Factory = Callable[[SigmoidBeliefNet], tuple[ELBO, Callable, int]]
+#: the ``--layers`` choices: linear SBNs with 1 or 2 stochastic layers, and the nonlinear one
+MODELS = ("1", "2", "nonlinear")
+
+
+def make_sbn(model: str) -> SigmoidBeliefNet:
+    """A fresh SBN (weights from the global seed) for a ``--layers`` choice: ``"1"``,
+    ``"2"`` (linear, 200 units per stochastic layer) or ``"nonlinear"``: one stochastic
+    layer of 200 units whose recognition and generative networks each have two
+    deterministic hidden layers of 200 units with LeakyReLU(0.3), as in the DisARM, ARMS
+    and RODEO papers' nonlinear model (the authors' launchers: 200-200 LeakyReLU(0.3)
+    hidden layers; the RELAX paper's uses tanh)."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+    if model != "nonlinear":
+        return SigmoidBeliefNet((784, *([200] * int(model))))
+    net = SigmoidBeliefNet((784, 200), hidden=200)  # tanh hidden layers, replaced here
+    for module in list(net.modules()):
+        if isinstance(module, nn.Sequential):
+            for index, part in enumerate(module):
+                if isinstance(part, nn.Tanh):
+                    module[index] = nn.LeakyReLU(0.3)
+    return net
+
+
+def model_title(model: str) -> str:
+    """The heading of a ``--layers`` choice's table."""
+    if model == "nonlinear":
+        return (f"Nonlinear SBN 784-200-200-[200]-200-200-784 (one stochastic layer, "
+                f"LeakyReLU(0.3)), batch {BATCH}")
+    return f"Linear SBN 784-{'-'.join(['200'] * int(model))}, batch {BATCH}"
 
 
 def _vimco(k: int) -> Factory:
@@ -184,25 +218,39 @@ def train_elbo(net: SigmoidBeliefNet, x: Tensor, draws: int = 10) -> float:
     return -loss / len(x)
 
 
+def grouped_moments(objective: ELBO, net: SigmoidBeliefNet, guide: Callable, x: Tensor,
+                    groups: int, size: int) -> tuple[Tensor, Tensor]:
+    """Mean and elementwise variance of the recognition-network gradient over ``groups``
+    groups of ``size`` draws each (shapes ``(groups, parameters)``; a group's variance is
+    the unbiased one over its draws), with running baselines frozen. Only one group's
+    draws are held at a time."""
+    params = list(net.recognition.parameters())
+    store = pyro.get_param_store()
+    frozen = {k: v.detach().clone() for k, v in store.items() if k.startswith("__baseline")}
+    means, variances = [], []
+    with frozen_control_variates(objective):
+        for _ in range(groups):
+            samples = []
+            for _ in range(size):
+                samples.append(gradient(params, lambda: objective.loss_and_grads(  # type: ignore
+                    net.model, guide, x)))
+                with torch.no_grad():
+                    for k, v in frozen.items():
+                        store[k].copy_(v)
+            stack = torch.stack(samples)
+            means.append(stack.mean(0))
+            variances.append(stack.var(0))
+    for value in store.values():
+        value.unconstrained().grad = None  # type: ignore[attr-defined]
+    return torch.stack(means), torch.stack(variances)
+
+
 def guide_moments(objective: ELBO, net: SigmoidBeliefNet, guide: Callable, x: Tensor,
                   draws: int) -> tuple[Tensor, Tensor]:
     """Mean and elementwise variance of the recognition-network gradient over ``draws``
     draws, with running baselines frozen."""
-    params = list(net.recognition.parameters())
-    store = pyro.get_param_store()
-    frozen = {k: v.detach().clone() for k, v in store.items() if k.startswith("__baseline")}
-    samples = []
-    with frozen_control_variates(objective):
-        for _ in range(draws):
-            samples.append(gradient(params, lambda: objective.loss_and_grads(  # type: ignore
-                net.model, guide, x)))
-            with torch.no_grad():
-                for k, v in frozen.items():
-                    store[k].copy_(v)
-    for value in store.values():
-        value.unconstrained().grad = None  # type: ignore[attr-defined]
-    stack = torch.stack(samples)
-    return stack.mean(0), stack.var(0)
+    mean, var = grouped_moments(objective, net, guide, x, 1, draws)
+    return mean[0], var[0]
 
 
 class Contender:
@@ -226,6 +274,11 @@ class Contender:
     def done(self) -> bool:
         return len(self.elbos) == len(self.checkpoints)
 
+    def batch(self, data: Tensor, step: int) -> Tensor:
+        """The mini-batch of step ``step`` (the same for every contender)."""
+        begin = (step * BATCH) % (len(data) - BATCH)
+        return data[self.order[begin:begin + BATCH] % len(data)]
+
     def advance(self, data: Tensor, subset: Tensor, slice_seconds: float) -> None:
         """Trains for about ``slice_seconds`` of this contender's own step time."""
         with self.slot.active():
@@ -234,8 +287,7 @@ class Contender:
                 if self.step >= self.args.steps:  # stopped by --steps
                     self.elbos.append(train_elbo(self.net, subset))
                     continue
-                begin = (self.step * BATCH) % (len(data) - BATCH)
-                x = data[self.order[begin:begin + BATCH] % len(data)]
+                x = self.batch(data, self.step)
                 tic = time.perf_counter()
                 self.svi.step(x)
                 self.elapsed += time.perf_counter() - tic
@@ -511,19 +563,19 @@ STORCH_NOTE = (
 )
 
 
-def section(layers: int, names: list[str], data: Tensor, subset: Tensor,
+def section(model: str, names: list[str], data: Tensor, subset: Tensor,
             args: argparse.Namespace, session: StorchSession | None) -> str:
-    """One model's table: a warm-up run, then the measured one."""
+    """One model's table (``model``: a ``--layers`` choice): a warm-up run, then the
+    measured one."""
     torch.manual_seed(args.seed)
-    initial = SigmoidBeliefNet((784, *([200] * layers)))
+    initial = make_sbn(model)
     start_elbo = train_elbo(initial, subset)
     warm = argparse.Namespace(**{**vars(args), "steps": 3, "grad_draws": 2})
     run_all(names, initial, data, subset, warm, session)  # first calls allocate
     rows = run_all(names, initial, data, subset, args, session)
     for row in rows:
-        print(f"{layers} layer(s): {row}", flush=True)
-    title = f"### Linear SBN 784-{'-'.join(['200'] * layers)}, batch {BATCH}"
-    return (f"{title}\n\nELBO at initialization: {start_elbo:.2f}\n\n"
+        print(f"{model}: {row}", flush=True)
+    return (f"### {model_title(model)}\n\nELBO at initialization: {start_elbo:.2f}\n\n"
             + table(rows, args.seconds, toy=session is not None))
 
 
@@ -538,7 +590,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grad-draws", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--layers", default="1,2", help="comma-separated: 1 and/or 2")
+    parser.add_argument("--layers", default="1,2",
+                        help=f"comma-separated models, from {list(MODELS)} (1, 2: linear SBNs "
+                        "with that many stochastic layers)")
     parser.add_argument("--estimators", default=",".join(DEFAULT_ESTIMATORS),
                         help=f"comma-separated, from {list(ESTIMATORS)} and (with "
                         f"--storchastic) {list(STORCH_ESTIMATORS)}")
@@ -563,11 +617,16 @@ def main() -> None:
                      f"and {list(STORCH_ESTIMATORS)}")
     if any(n in STORCH_ESTIMATORS for n in names) and not args.storchastic:
         parser.error("storchastic's estimators need --storchastic PYTHON")
+    models = [m.strip() for m in args.layers.split(",")]
+    if any(m not in MODELS for m in models):
+        parser.error(f"--layers: unknown model(s) in {models}; choose from {list(MODELS)}")
+    if args.storchastic and "nonlinear" in models:
+        parser.error("storchastic's companion (storch_sbn.py) builds linear SBNs only")
     with tempfile.TemporaryDirectory(prefix="bench_storch_") as folder:
         session = StorchSession(args.storchastic, folder) if args.storchastic else None
         try:
-            sections = [section(layers, names, data, subset, args, session)
-                        for layers in (int(n) for n in args.layers.split(","))]
+            sections = [section(model, names, data, subset, args, session)
+                        for model in models]
         finally:
             if session is not None:
                 session.close()
@@ -577,6 +636,8 @@ def main() -> None:
     if session is not None:
         capped += f" --storchastic PYTHON --estimators \"{','.join(names)}\""
         note += STORCH_NOTE.format(version=session.version, toy_draws=10 * args.grad_draws)
+    if args.layers != parser.get_default("layers"):
+        capped += f" --layers {args.layers}"
     if args.out != parser.get_default("out"):
         capped += f" --out {args.out}"
     title = ("storchastic's estimators beside ours on binarized MNIST" if session is not None
