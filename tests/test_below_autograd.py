@@ -54,3 +54,37 @@ def test_a_read_into_python_is_refused():
 
     with pytest.raises(Refused, match="reads tensor data"):
         record_below_autograd(reads, torch.ones(2))
+
+
+def loss_program(w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor]:
+    with torch.no_grad():
+        scale = (w * x).exp()  # no gradient through it
+    fresh = torch.tensor([1.0, 2.0, 3.0])
+    fresh.mul_(2.0)  # a constant made fresh at each run, written in place
+    return ((w * x * scale).sum() + (w.detach() * w).sum() + (fresh * w).sum()
+            * torch.tensor(2.0).item(),)
+
+
+def test_a_loss_graph_replays_under_autograd_as_the_eager_step_ran():
+    """``no_grad`` regions and ``detach`` keep their effect on the gradient, a fresh
+    constant written in place starts afresh at every replay, and a constant's value may
+    be read."""
+    w = torch.tensor([0.3, -0.2, 0.8], requires_grad=True)
+    x = torch.tensor([1.0, 2.0, -1.0])
+    graph = record_below_autograd(loss_program, w, x, grad_mode=True, meta=True)
+    (expected,) = loss_program(w, x)
+    (eager_grad,) = torch.autograd.grad(expected, w)
+    for _ in range(2):
+        (replayed,) = graph(w, x)
+        (grad,) = torch.autograd.grad(replayed, w)
+        assert torch.equal(replayed, expected) and torch.equal(grad, eager_grad)
+    assert torch.is_grad_enabled()  # the replay ends in the grad mode it started in
+    switches = [n.args for n in graph.graph.nodes if n.target is torch._C._set_grad_enabled]
+    assert switches == [(False,), (True,)]
+    # without the switches the gradient would differ: the test can fail
+    without = record_below_autograd(loss_program, w, x)
+    (dropped,) = torch.autograd.grad(without(w, x)[0], w)
+    assert not torch.allclose(dropped, eager_grad)
+    assert all(isinstance(n.meta["val"], torch.Tensor) for n in graph.graph.nodes
+               if n.op == "call_function" and n.target is not torch._C._set_grad_enabled
+               and "getitem" not in str(n.target))

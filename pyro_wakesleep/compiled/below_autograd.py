@@ -1,19 +1,33 @@
-"""Recording a function of tensors below autograd, as a graph of aten operations
-(:func:`record_below_autograd`), for the training step (:mod:`pyro_wakesleep.compiled.training`): the loss
-graph, its differentiation and the optimizer update run no program of the user, so
-what ``make_fx(tracing_mode="real")`` does there can be done by one dispatch-level mode
-that appends each operation to an :class:`torch.fx.Graph` as it runs.
+"""Recording a function of tensors as a graph of aten operations, from below autograd
+(:func:`record_below_autograd`): one dispatch-level mode appends each operation to a
+:class:`torch.fx.Graph` as it runs, with its real result. It records both graphs of the
+compiled path: the loss step (:mod:`pyro_wakesleep.compiled.recording`, under that
+module's checks), and the training step around it (:mod:`pyro_wakesleep.compiled.training`:
+the loss graph, its differentiation and the optimizer update).
 
 Every aten operation that runs while recording (forward, the backward pass of
 :func:`torch.autograd.grad`, factory functions, random draws and writes in place) is
-recorded in order with its real result; a tensor that no recorded operation produced
-and that is not an input is a constant of the graph (the same tensor object, as
-``make_fx`` keeps it). Replaying the graph runs the same operations on the same
-aliasing (views stay views, in-place writes stay in place) and draws from the same
-global generator. An operation that reads tensor data into Python
-(``aten._local_scalar_dense``) is refused, since its value would be baked in. About ten
-times less Python per operation than ``make_fx``, which builds proxies, fake-tensor
-metadata and pytree specs for every value.
+recorded in order; a tensor that no recorded operation produced and that is not an
+input is a constant of the graph (the same tensor object), except that a constant made
+fresh by the program (``torch.tensor(...)``, aten's ``lift_fresh``) is copied afresh
+at each replay, as it was made at each eager run. Replaying runs the same operations on
+the same aliasing (views stay views, in-place writes stay in place) and draws from the
+same global generator.
+
+A graph that will be differentiated (the loss step's, ``grad_mode=True``) is replayed
+*above* autograd, which then sees the same operations as in the eager run: what the
+eager run did without gradients (``torch.no_grad`` regions) is bracketed by grad-mode
+switches, and ``detach`` is an aten operation like the others, so the replay's autograd
+graph is the eager one. (Operations without an autograd formula of their own are
+decomposed before they reach this level, in the eager run as in the replay.)
+
+A read of tensor data into Python (``aten._local_scalar_dense``) of a computed value
+would bake it in, and is refused (the loss step's
+:class:`~pyro_wakesleep.dataflow.Dataflow` refuses reads of values computed from inputs
+and random draws before they reach this level, naming the user's line); a constant's
+value, the same at every replay, may be read (as in ``make_fx``). About ten times less
+Python per operation than ``make_fx``, which builds proxies, fake-tensor metadata and
+pytree specs for every value.
 """
 
 from __future__ import annotations
@@ -32,17 +46,22 @@ from pyro_wakesleep.compiled.checks import Refused
 __all__ = ["record_below_autograd"]
 
 _READS = frozenset({torch.ops.aten._local_scalar_dense.default})
+_FRESH_COPY = torch.ops.aten.lift_fresh_copy.default
+#: ops that return a constant made fresh by the program: replayed as a fresh copy
+_FRESH = {torch.ops.aten.lift_fresh.default: _FRESH_COPY}
 
 
 class _Recorder(TorchDispatchMode):
     """Appends every aten operation to :attr:`graph` (see the module docstring)."""
 
-    def __init__(self, inputs: list[Tensor]) -> None:
+    def __init__(self, inputs: list[Tensor], grad_mode: bool, meta: bool) -> None:
         super().__init__()
         self.graph = fx.Graph()
         self.root = torch.nn.Module()
         self.node: dict[int, fx.Node] = {}
         self.alive: list[Tensor] = []  # every tensor seen, so that ids stay unique
+        self.grad_mode = torch.is_grad_enabled() if grad_mode else None
+        self.meta = meta
         for i, value in enumerate(inputs):
             self.node[id(value)] = self.graph.placeholder(f"input_{i}")
             self.alive.append(value)
@@ -61,39 +80,65 @@ class _Recorder(TorchDispatchMode):
             return type(value)(self.arg(v) for v in value)
         return value
 
+    def set_grad_mode(self, enabled: bool) -> None:
+        """Records a grad-mode switch if the mode differs from the recorded one."""
+        if self.grad_mode is not None and enabled != self.grad_mode:
+            self.graph.call_function(torch._C._set_grad_enabled, (enabled,))
+            self.grad_mode = enabled
+
+    def _track(self, value: Tensor, node: fx.Node) -> None:
+        self.node[id(value)] = node
+        self.alive.append(value)
+        if self.meta:
+            with torch._C.DisableTorchFunction():
+                node.meta["val"] = torch.empty_strided(value.shape, value.stride(),
+                                                       dtype=value.dtype, device="meta")
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
-        if func in _READS:
-            raise Refused(f"the training step reads tensor data into Python ({func})")
         kwargs = kwargs or {}
+        if func in _READS:
+            source = self.node.get(id(args[0]))
+            if source is not None and source.op != "get_attr" \
+                    and source.target is not _FRESH_COPY:
+                raise Refused(f"the step reads tensor data into Python ({func})")
+            return func(*args, **kwargs)  # a constant's value: the same at every replay
+        func = _FRESH.get(func, func)  # the constant itself stays as it was made
         result = func(*args, **kwargs)
+        self.set_grad_mode(torch.is_grad_enabled())
         node = self.graph.call_function(
             func, self.arg(args), {k: self.arg(v) for k, v in kwargs.items()}
         )
         if isinstance(result, Tensor):
-            self.node[id(result)] = node
-            self.alive.append(result)
+            self._track(result, node)
         elif type(result) is list or type(result) is tuple:
             for i, item in enumerate(result):
                 if isinstance(item, Tensor):
-                    self.node[id(item)] = self.graph.call_function(operator.getitem, (node, i))
-                    self.alive.append(item)
+                    self._track(item, self.graph.call_function(operator.getitem, (node, i)))
         return result
 
 
-def record_below_autograd(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor
-                          ) -> fx.GraphModule:
-    """Runs ``fn(*inputs)`` once and returns its graph of aten operations: a graph
+def record_below_autograd(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor,
+                          grad_mode: bool = False, meta: bool = False) -> fx.GraphModule:
+    """Runs ``fn(*inputs)`` once and returns its graph of aten operations: a lazy graph
     module that, called with tensors like ``inputs``, runs the same operations and
     returns the tuple of tensors ``fn`` returned (see the module docstring).
 
-    :raises Refused: if ``fn`` reads tensor data into Python or returns a non-tensor.
+    :param bool grad_mode: record grad-mode switches, for a graph replayed under
+        autograd (it starts, and ends, in the grad mode ``fn`` was called in).
+    :param bool meta: give each value's node ``meta["val"]``, an empty tensor on the
+        ``meta`` device of its shape, stride and dtype (which graph passes read).
+    :raises Refused: if ``fn`` reads the data of a computed tensor into Python (a
+        constant's may be read: its value is the same at every replay, as in
+        ``make_fx``), or returns a non-tensor.
     """
-    recorder = _Recorder(list(inputs))
+    recorder = _Recorder(list(inputs), grad_mode, meta)
+    start = torch.is_grad_enabled()
     with recorder:
         outputs = fn(*inputs)
     if not all(isinstance(out, Tensor) for out in outputs):
         raise Refused("the recorded function returned something other than tensors")
+    recorder.set_grad_mode(start)
     recorder.graph.output(tuple(recorder.arg(out) for out in outputs))
     with _use_lazy_graph_module(True):
         return _make_graph_module(recorder.root, recorder.graph)

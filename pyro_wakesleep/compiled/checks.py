@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 
 from pyro_wakesleep.dataflow import Read, Writes, call_site
 
@@ -97,9 +97,9 @@ class Guard(TorchFunctionMode):
                 )
         name = getattr(func, "__name__", "")
         if name in _READS and args and isinstance(args[0], Tensor):
-            # a read into Python: made on the real tensor (the recording's tracer would
-            # raise), then judged by the Dataflow above by what was read
-            with disable_proxy_modes_tracing():
+            # a read into Python: made on the real tensor, out of sight of the recorder
+            # (which would refuse it), then judged by the Dataflow above by what was read
+            with _disable_current_modes():
                 value = func(*args, **kwargs)
             if call_site()[1]:  # a validation check: the graph returns it, the replay checks it
                 tensor = args[0].detach().reshape(-1).bool()

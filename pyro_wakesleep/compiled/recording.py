@@ -1,8 +1,9 @@
 """Recording a step as a graph (:func:`record`), and what a graph is (:class:`Graph`).
 
-The step is recorded with :func:`torch.fx.experimental.proxy_tensor.make_fx` on real
-tensors (``pre_dispatch=True``, so that ``torch.no_grad`` regions and ``detach`` are
-recorded), under the checks of :mod:`pyro_wakesleep.compiled.checks`. A recording,
+The step is recorded on real tensors by
+:func:`~pyro_wakesleep.compiled.below_autograd.record_below_autograd` (with grad-mode
+switches, so that ``torch.no_grad`` regions and ``detach`` replay as they ran), under
+the checks of :mod:`pyro_wakesleep.compiled.checks`. A recording,
 refused or not, changes nothing: the random state, the control-variate buffers, every
 tensor the step wrote in place, the objective's attributes and outputs and the param
 store are put back, and parameters are read out of sight of ``SVI``'s parameter capture.
@@ -10,23 +11,18 @@ store are put back, and parameters are read out of sight of ``SVI``'s parameter 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 import pyro
 import torch
 from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor, fx, nn
-from torch._guards import TracingContext, tracing
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx._lazy_graph_module import _use_lazy_graph_module
-from torch.fx.experimental import proxy_tensor
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from pyro_wakesleep import _validation
+from pyro_wakesleep.compiled.below_autograd import record_below_autograd
 from pyro_wakesleep.compiled.checks import (
     INPUT,
     SCALAR,
@@ -40,7 +36,7 @@ from pyro_wakesleep.compiled.signature import ArgSignature
 from pyro_wakesleep.compiled.simplify import simplify
 from pyro_wakesleep.dataflow import Dataflow
 
-__all__ = ["Graph", "meta_values", "record", "slots"]
+__all__ = ["Graph", "record", "slots"]
 
 Slot = tuple[nn.Module, str]
 
@@ -73,42 +69,6 @@ class Graph:
         """The tensors of :attr:`threaded` now (a module's current buffer)."""
         return [cast(Tensor, t[0]._buffers[t[1]]) if isinstance(t, tuple) else t
                 for t in self.threaded]
-
-
-@contextlib.contextmanager
-def meta_values() -> Iterator[None]:
-    """While recording with ``make_fx(tracing_mode="real")``: each recorded value's
-    metadata (``node.meta["val"]``, which the graph passes read for shapes and dtypes) is
-    an empty tensor on the ``meta`` device, made with every mode off, rather than a fake
-    tensor made through the whole mode stack; that took half the recording time. Only the
-    values of our own recordings change (the original is put back on exit)."""
-    original = proxy_tensor.set_meta
-
-    def plain(value: Any) -> bool:
-        return isinstance(value, Tensor) and not proxy_tensor.is_fake(value) \
-            and not value.is_sparse
-
-    def meta(value: Tensor) -> Tensor:
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
-                                   device="meta")
-
-    def set_meta(proxy: Any, value: Any) -> Any:
-        if proxy.node.op != "placeholder":
-            if plain(value):
-                with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
-                    proxy.node.meta["val"] = meta(value)
-                return proxy
-            if type(value) in (list, tuple) and all(plain(v) for v in value):
-                with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
-                    proxy.node.meta["val"] = type(value)(meta(v) for v in value)
-                return proxy
-        return original(proxy, value)
-
-    proxy_tensor.set_meta = set_meta  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        proxy_tensor.set_meta = original
 
 
 def slots(objective: Any) -> list[Slot]:
@@ -172,16 +132,10 @@ def record(objective: Any, model: Callable, guide: Callable, signature: ArgSigna
 
     rng = get_rng_state()
     try:
-        # one fake-tensor mode for the metadata of every recorded value (without a
-        # tracing context, make_fx builds a new one per value: most of the recording time)
-        context = TracingContext(FakeTensorMode(allow_fallback_kernels=True))
-        # a lazy graph module generates its code once, when first called after simplify()
-        with pyro.poutine.block(), warnings.catch_warnings(), tracing(context), \
-                meta_values(), _use_lazy_graph_module(True):
+        with pyro.poutine.block(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the eager first step showed them
-            module = make_fx(step, tracing_mode="real", pre_dispatch=True)(
-                *params, *tensors, *saved
-            )
+            module = record_below_autograd(step, *params, *tensors, *saved,
+                                           grad_mode=True, meta=True)
         if set(store.keys()) != known:
             raise Refused("the step created parameters while recording")
         threaded_slots = {(id(m), n) for m, n in state_slots}
