@@ -88,3 +88,17 @@ def test_a_loss_graph_replays_under_autograd_as_the_eager_step_ran():
     assert all(isinstance(n.meta["val"], torch.Tensor) for n in graph.graph.nodes
                if n.op == "call_function" and n.target is not torch._C._set_grad_enabled
                and "getitem" not in str(n.target))
+
+
+def test_compiled_graphs_each_have_their_own_code():
+    """Before :func:`torch.compile`, a recorded graph's code is generated: Dynamo caches
+    by code object, and a lazy graph module's ``forward`` is shared by all of them, so
+    every graph after the 8th would replay uncompiled (its recompile limit)."""
+    from pyro_wakesleep.compiled.below_autograd import compile_graph
+
+    graphs = [record_below_autograd(lambda x, k=k: (x * k,), torch.ones(2)) for k in (2, 3)]
+    lazy = {type(g).forward.__code__ for g in graphs}
+    assert len(lazy) == 1  # what Dynamo would see without the step below
+    for g in graphs:
+        compile_graph(g)
+    assert len({type(g).forward.__code__ for g in graphs}) == 2

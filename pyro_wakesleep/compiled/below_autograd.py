@@ -38,12 +38,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx
-from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
+from torch.fx._lazy_graph_module import (
+    _LazyGraphModule,
+    _make_graph_module,
+    _use_lazy_graph_module,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_wakesleep.compiled.checks import Refused
 
-__all__ = ["record_below_autograd"]
+__all__ = ["compile_graph", "record_below_autograd"]
 
 _READS = frozenset({torch.ops.aten._local_scalar_dense.default})
 _FRESH_COPY = torch.ops.aten.lift_fresh_copy.default
@@ -142,3 +146,14 @@ def record_below_autograd(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor
     recorder.graph.output(tuple(recorder.arg(out) for out in outputs))
     with _use_lazy_graph_module(True):
         return _make_graph_module(recorder.root, recorder.graph)
+
+
+def compile_graph(module: fx.GraphModule) -> Callable[..., Any]:
+    """:func:`torch.compile` (inductor, ``fallback_random``: random numbers from torch's
+    generator, as in the eager step) of a recorded graph, with its code generated first:
+    the ``forward`` of a lazy graph module is one code object shared by all of them,
+    which Dynamo's cache would take for one function recompiled per graph, falling back
+    to uncompiled replays past its recompile limit (8)."""
+    if isinstance(module, _LazyGraphModule):
+        module.real_recompile()
+    return torch.compile(module, dynamic=False, options={"fallback_random": True})
