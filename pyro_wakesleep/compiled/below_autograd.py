@@ -67,8 +67,7 @@ class _Recorder(TorchDispatchMode):
         self.grad_mode = torch.is_grad_enabled() if grad_mode else None
         self.meta = meta
         for i, value in enumerate(inputs):
-            self.node[id(value)] = self.graph.placeholder(f"input_{i}")
-            self.alive.append(value)
+            self._track(value, self.graph.placeholder(f"input_{i}"))
 
     def arg(self, value: Any) -> Any:
         """``value`` with each tensor replaced by its node."""
@@ -77,8 +76,8 @@ class _Recorder(TorchDispatchMode):
             if node is None:  # a constant: from outside the recorded function
                 name = f"_tensor_constant{len(self.root._buffers)}"
                 self.root.register_buffer(name, value, persistent=False)
-                node = self.node[id(value)] = self.graph.get_attr(name)
-                self.alive.append(value)
+                node = self.graph.get_attr(name)
+                self._track(value, node)
             return node
         if type(value) is list or type(value) is tuple:
             return type(value)(self.arg(v) for v in value)
