@@ -89,10 +89,10 @@ class _Recorder(TorchDispatchMode):
             self.graph.call_function(torch._C._set_grad_enabled, (enabled,))
             self.grad_mode = enabled
 
-    def _track(self, value: Tensor, node: fx.Node) -> None:
+    def _track(self, value: Any, node: fx.Node) -> None:
         self.node[id(value)] = node
         self.alive.append(value)
-        if self.meta:
+        if self.meta and isinstance(value, Tensor):
             with torch._C.DisableTorchFunction():
                 node.meta["val"] = torch.empty_strided(value.shape, value.stride(),
                                                        dtype=value.dtype, device="meta")
