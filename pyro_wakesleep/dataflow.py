@@ -372,7 +372,8 @@ class Dataflow(TorchFunctionMode):
         kind = _KINDS.get(func)
         if kind is None:
             kind = self._kind(func)
-        if kind == _METADATA and not isinstance(result, _TENSOR_OR_SEQ):
+        if kind == _METADATA and (type(result) is torch.Size
+                                  or not isinstance(result, _TENSOR_OR_SEQ)):
             return result  # shapes, dtypes, flags; a getter such as `.T` or `.data` goes on
         # the labels of the inputs (inlined: this runs for every torch operation)
         labels, key = 0, self.key
