@@ -162,3 +162,26 @@ def assert_jit_runs_eagerly(compiled, eager, model, guide, params, *args, exact=
             grads.append(flat_grad(loss, params))
         assert torch.equal(*grads) if exact else torch.allclose(*grads)
     assert not compiled.compiled.graphs
+
+
+def assert_jit_steps_equal_eager(program, make_objective, *args, steps=3, param="a"):
+    """Runs ``steps`` SVI steps (Adam, seed 1) of ``program() -> (model, guide)`` with
+    ``make_objective(jit)`` eagerly and compiled, and asserts a graph was recorded and the
+    losses and the parameter ``param`` agree."""
+    import warnings
+
+    results = []
+    for jit in (False, True):
+        pyro.clear_param_store()
+        model, guide = program()
+        objective = make_objective(jit)
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), objective)
+        pyro.set_rng_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            losses = [svi.step(*args) for _ in range(steps)]
+        results.append((losses, pyro.param(param).detach().clone()))
+    assert objective.compiled is not None and objective.compiled.graphs
+    (eager, value), (compiled, value_jit) = results
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    torch.testing.assert_close(value_jit, value, rtol=1e-5, atol=1e-6)

@@ -21,7 +21,7 @@ from categorical_programs import (
     exact_elbo,
     zero_probs,
 )
-from checks import assert_unbiased, draws, flat_grad
+from checks import assert_jit_steps_equal_eager, assert_unbiased, draws, flat_grad
 
 from pyro_wakesleep import IndecaterELBO, UnorderedSetELBO
 from pyro_wakesleep.categorical import (
@@ -212,16 +212,5 @@ def test_jit_gives_the_eager_steps_with_zero_probabilities_and_bernoulli_sites(m
     """The masks of zero-probability categories and the Bernoulli's two categories are
     recorded in the compiled graph like any other tensor operation."""
     for program in (lambda: zero_probs()[:2], lambda: bernoulli_sbn()[:2]):
-        results = []
-        for jit in (False, True):
-            pyro.clear_param_store()
-            model, guide = program()
-            objective = make(3 if make is UnorderedSetELBO else 1, jit=jit)
-            svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), objective)
-            pyro.set_rng_seed(1)
-            losses = [svi.step(XS) for _ in range(3)]
-            results.append((losses, pyro.param("a").detach().clone()))
-        assert objective.compiled is not None and objective.compiled.graphs
-        (eager, a), (compiled, a_jit) = results
-        assert compiled == pytest.approx(eager, rel=1e-5)
-        torch.testing.assert_close(a_jit, a, rtol=1e-5, atol=1e-6)
+        assert_jit_steps_equal_eager(
+            program, lambda jit: make(3 if make is UnorderedSetELBO else 1, jit=jit), XS)

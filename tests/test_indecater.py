@@ -4,7 +4,6 @@ variance against RLOO at equal evaluations on many independent categoricals (tie
 interface (SVI, module route, fit, jit, errors)."""
 
 import math
-import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -20,7 +19,14 @@ from categorical_programs import (
     markov,
     two_sites,
 )
-from checks import assert_one_path, assert_unbiased, draws, flat_grad, params_of
+from checks import (
+    assert_jit_steps_equal_eager,
+    assert_one_path,
+    assert_unbiased,
+    draws,
+    flat_grad,
+    params_of,
+)
 from pyro.infer import SVI
 from pyro.optim import Adam
 
@@ -135,21 +141,9 @@ def test_svi_module_route_and_fit_train_with_a_reparameterized_site():
 
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_jit_gives_the_eager_steps(vectorize):
-    results = []
-    for jit in (False, True):
-        pyro.clear_param_store()
-        model, guide, _, _ = data_plate()
-        objective = IndecaterELBO(2, jit=jit, vectorize_particles=vectorize)
-        svi = SVI(model, guide, Adam({"lr": 0.05}), objective)
-        pyro.set_rng_seed(1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            losses = [svi.step(XS) for _ in range(3)]
-        results.append((losses, pyro.param("a").detach().clone()))
-    assert objective.compiled is not None and objective.compiled.graphs
-    (eager, a), (compiled, a_jit) = results
-    assert compiled == pytest.approx(eager, rel=1e-5)
-    torch.testing.assert_close(a_jit, a, rtol=1e-5, atol=1e-6)
+    assert_jit_steps_equal_eager(
+        lambda: data_plate()[:2],
+        lambda jit: IndecaterELBO(2, jit=jit, vectorize_particles=vectorize), XS)
 
 
 def test_unsupported_site_names_site_and_type_and_no_mutation():
