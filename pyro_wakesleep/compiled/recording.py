@@ -148,12 +148,6 @@ def record(objective: Any, model: Callable, guide: Callable, signature: ArgSigna
         raise
     except Exception as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if "value out of a tracing tensor" in message or "data-dependent" in message:
-            raise Refused(
-                "the program reads a value out of a tensor into Python while it runs "
-                "(e.g. stochastic control flow such as `while pyro.sample(...) == 1`), so "
-                "one recorded run would replay its structure"
-            ) from error
         raise Refused(f"the step could not be recorded ({type(error).__name__}: "
                       f"{message})") from error
     finally:
