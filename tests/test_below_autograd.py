@@ -90,15 +90,75 @@ def test_a_loss_graph_replays_under_autograd_as_the_eager_step_ran():
                    n.op == "call_function" and n.target is not torch._C._set_grad_enabled))
 
 
-def test_compiled_graphs_each_have_their_own_code():
-    """Before :func:`torch.compile`, a recorded graph's code is generated: Dynamo caches
-    by code object, and a lazy graph module's ``forward`` is shared by all of them, so
-    every graph after the 8th would replay uncompiled (its recompile limit)."""
-    from pyro_wakesleep.compiled.below_autograd import compile_graph
+def checked(x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A validation check (``_is_all_true``), a finiteness check of many tensors
+    (``_foreach_norm``), a random draw and a write in place of an argument."""
+    ok = torch._is_all_true(x > -10)
+    norms = torch._foreach_norm([x, x * 2, state], 1)
+    state.mul_(0.5).add_(x.sum())  # the caller's tensor, written in place
+    return ok, torch.stack(norms).sum(), torch.bernoulli(torch.sigmoid(x)), x.exp()
 
-    graphs = [record_below_autograd(lambda x, k=k: (x * k,), torch.ones(2)) for k in (2, 3)]
-    lazy = {type(g).forward.__code__ for g in graphs}
-    assert len(lazy) == 1  # what Dynamo would see without the step below
-    for g in graphs:
-        compile_graph(g)
-    assert len({type(g).forward.__code__ for g in graphs}) == 2
+
+def test_lowering_for_inductor_keeps_the_values():
+    from pyro_wakesleep.compiled.simplify import lower_for_inductor
+
+    x = torch.tensor([0.3, -0.2, 0.8])
+    graph = record_below_autograd(checked, x, torch.ones(3))
+    torch.manual_seed(0)
+    expected = graph(x, torch.ones(3))
+    lower_for_inductor(graph.graph)
+    graph.recompile()
+    targets = {n.target for n in graph.graph.nodes}
+    assert torch.ops.aten._is_all_true.default not in targets
+    assert torch.ops.aten._foreach_norm.Scalar not in targets
+    assert torch.ops.aten.all.default in targets
+    torch.manual_seed(0)
+    for value, want in zip(graph(x, torch.ones(3)), expected, strict=True):
+        torch.testing.assert_close(value, want)
+
+
+def test_compiled_graph_equals_the_recorded_one_per_layout(monkeypatch):
+    """Inductor without Dynamo: the same values, random draws and writes in place as the
+    graph module; another layout (a strided input) is compiled for itself, and past
+    ``MAX_LAYOUTS`` the graph module runs."""
+    from pyro_wakesleep.compiled.below_autograd import CompiledGraph
+
+    x = torch.tensor([0.3, -0.2, 0.8])
+    graph = record_below_autograd(checked, x, torch.ones(3))
+    compiled = CompiledGraph(graph)
+    strided = torch.tensor([0.3, 9.0, -0.2, 9.0, 0.8, 9.0])[::2]
+    for inputs in ((x, torch.ones(3)), (x * 2, torch.full((3,), 3.0)), (strided, torch.ones(3))):
+        states = [inputs[1].clone(), inputs[1].clone()]
+        torch.manual_seed(1)
+        expected = graph(inputs[0], states[0])
+        torch.manual_seed(1)
+        values = compiled(inputs[0], states[1])
+        for value, want in zip(values, expected, strict=True):
+            torch.testing.assert_close(value, want)
+        torch.testing.assert_close(states[1], states[0])
+    assert len(compiled._compiled) == 2  # contiguous and strided
+    monkeypatch.setattr(CompiledGraph, "MAX_LAYOUTS", 2)
+    calls = []
+    monkeypatch.setattr(graph, "forward", lambda *a: calls.append(a) or checked(*a))
+    compiled(torch.ones(2, 3)[:, 0], torch.ones(2))  # a third layout: no compilation
+    assert len(compiled._compiled) == 2 and len(calls) == 1
+
+
+def test_compiled_graph_differentiates_like_the_recorded_one():
+    """A loss graph (grad-mode switches, ``detach``) compiled under autograd gives the
+    recorded graph's gradient."""
+    from pyro_wakesleep.compiled.below_autograd import CompiledGraph
+
+    def loss(w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor]:
+        with torch.no_grad():
+            scale = (w * x).sum()
+        return ((w * x).tanh().sum() * scale + w.detach().sum() * w.sum(),)
+
+    w, x = torch.tensor([0.3, -0.2, 0.8]), torch.tensor([1.0, 2.0, -1.0])
+    leaf = w.clone().requires_grad_(True)
+    graph = record_below_autograd(loss, leaf, x, grad_mode=True)
+    (want,) = torch.autograd.grad(graph(leaf, x)[0], leaf)
+    (got,) = torch.autograd.grad(CompiledGraph(graph)(leaf, x)[0], leaf)
+    torch.testing.assert_close(got, want)
+
+

@@ -32,22 +32,24 @@ pytree specs for every value.
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._inductor
 from torch import Tensor, fx
 from torch.fx._lazy_graph_module import (
-    _LazyGraphModule,
     _make_graph_module,
     _use_lazy_graph_module,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_wakesleep.compiled.checks import Refused
+from pyro_wakesleep.compiled.simplify import lower_for_inductor
 
-__all__ = ["compile_graph", "record_below_autograd"]
+__all__ = ["CompiledGraph", "compile_graph", "record_below_autograd"]
 
 _READS = frozenset({torch.ops.aten._local_scalar_dense.default})
 _FRESH_COPY = torch.ops.aten.lift_fresh_copy.default
@@ -147,12 +149,42 @@ def record_below_autograd(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor
         return _make_graph_module(recorder.root, recorder.graph)
 
 
-def compile_graph(module: fx.GraphModule) -> Callable[..., Any]:
-    """:func:`torch.compile` (inductor, ``fallback_random``: random numbers from torch's
-    generator, as in the eager step) of a recorded graph, with its code generated first:
-    the ``forward`` of a lazy graph module is one code object shared by all of them,
-    which Dynamo's cache would take for one function recompiled per graph, falling back
-    to uncompiled replays past its recompile limit (8)."""
-    if isinstance(module, _LazyGraphModule):
-        module.real_recompile()
-    return torch.compile(module, dynamic=False, options={"fallback_random": True})
+def compile_graph(module: fx.GraphModule) -> CompiledGraph:
+    """The recorded graph compiled with inductor (see :class:`CompiledGraph`)."""
+    return CompiledGraph(module)
+
+
+class CompiledGraph:
+    """A recorded graph compiled with inductor at its first call, for the layout of that
+    call's tensors (shape, stride, dtype, device, ``requires_grad``) and grad mode, and
+    again for another layout (up to :attr:`MAX_LAYOUTS`; past that, the graph module
+    itself runs, op by op). Random numbers come from torch's generator
+    (``fallback_random``), as in the eager step.
+
+    The graph goes to inductor directly (:func:`torch._inductor.compile`), not through
+    :func:`torch.compile`: a recorded graph is already one flat graph of aten operations,
+    and Dynamo would only add a frame whose guards cost ~40 µs per call. The layout key
+    here stands for those guards. Ops inductor has no lowering for are first replaced by
+    equal ones it fuses (:func:`~pyro_wakesleep.compiled.simplify.lower_for_inductor`).
+    """
+
+    #: layouts compiled at most, per graph
+    MAX_LAYOUTS = 8
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        self.module = module
+        self._compiled: dict[tuple, Callable[..., Any]] = {}
+
+    def __call__(self, *args: Tensor) -> Any:
+        key = (torch.is_grad_enabled(), *((a.shape, a.stride(), a.dtype, a.device,
+                                           a.requires_grad) for a in args))
+        fn = self._compiled.get(key)
+        if fn is None:
+            if len(self._compiled) >= self.MAX_LAYOUTS:
+                return self.module(*args)
+            graph = copy.deepcopy(self.module.graph)
+            lower_for_inductor(graph)
+            lowered = fx.GraphModule(self.module, graph)
+            fn = self._compiled[key] = torch._inductor.compile(
+                lowered, list(args), options={"fallback_random": True})
+        return fn(*args)

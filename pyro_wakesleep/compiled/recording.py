@@ -52,7 +52,8 @@ class Graph:
     :ivar list threaded: tensors from outside the step that it writes in place (module
         buffers such as ``BatchNorm``'s statistics, as ``(module, name)`` where the
         module is known, else the tensor itself).
-    :ivar module: the recorded graph itself (``fn`` is it, or its :func:`torch.compile`),
+    :ivar module: the recorded graph itself (``fn`` is it, or its
+        :class:`~pyro_wakesleep.compiled.below_autograd.CompiledGraph`),
         which a training step records its gradients and update around
         (:mod:`pyro_wakesleep.compiled.training`).
     """

@@ -94,3 +94,28 @@ def _drop_grad_switches(graph: fx.Graph) -> None:
 
 def _mutated_in_place(node: fx.Node) -> bool:
     return bool(getattr(getattr(node.target, "_schema", None), "is_mutable", False))
+
+
+def lower_for_inductor(graph: fx.Graph) -> None:
+    """Replaces the ops of a recorded step that inductor has no lowering for by equal
+    ones it fuses (inductor would call each from Python, between its fused kernels):
+    ``_is_all_true(x)`` (the validation checks of :mod:`torch.distributions`) by
+    ``all(x)``, and ``_foreach_norm(xs, p)`` (one finiteness check of many tensors) by
+    a ``linalg_vector_norm(x, p)`` per tensor. The values are the same (a norm up to
+    the order of its sum, which inductor chooses anyway)."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten._is_all_true.default:
+            node.target = aten.all.default
+        elif node.target is aten._foreach_norm.Scalar and not node.kwargs \
+                and all(u.target is operator.getitem for u in node.users):
+            tensors, order = node.args[0], node.args[1] if len(node.args) > 1 else 2
+            for user in list(node.users):
+                with graph.inserting_before(user):
+                    norm = graph.call_function(aten.linalg_vector_norm.default,
+                                               (tensors[user.args[1]], order))
+                user.replace_all_uses_with(norm)
+                graph.erase_node(user)
+            graph.erase_node(node)

@@ -84,12 +84,12 @@ class Objective(ELBO):
         objectives; no effect (recording here raises rather than warns, see ``jit``).
     :param dict jit_options: options of the compiled path (``jit=True``):
         ``"compile"`` (default ``False``): also compile the recorded graph with
-        :func:`torch.compile` (inductor; slow to compile, faster per step, the same
-        draws); ``"max_graphs"`` (default 16): call signatures recorded at most, later
-        ones run eagerly; ``"verify"`` (default ``True``): replays 1, 2, 4, 8, ... of
-        each graph also run the eager step from the same state and compare loss,
-        gradients and state (an ``int`` ``n``: replay 1 and every ``n``-th; ``False``:
-        never). The :func:`torch.jit.trace` keywords that Pyro's ``Jit*``
+        inductor (slow to compile, faster per step, the same draws; see
+        "Compiled objectives"); ``"max_graphs"`` (default 16): call signatures
+        recorded at most, later ones run eagerly; ``"verify"`` (default ``True``):
+        replays 1, 2, 4, 8, ... of each graph also run the eager step from the same
+        state and compare loss, gradients and state (an ``int`` ``n``: replay 1 and
+        every ``n``-th; ``False``: never). The :func:`torch.jit.trace` keywords that Pyro's ``Jit*``
         objectives pass (``check_trace``, ...) are accepted and have no effect.
     :param bool retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
     :param float tail_adaptive_beta: accepted for compatibility; it is used only by
