@@ -69,6 +69,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
 from torch import Tensor, nn
 
 from pyro_wakesleep import MovingAverageBaseline, ScoreFunctionELBO
+from pyro_wakesleep.compiled.below_autograd import CompiledGraph
 from pyro_wakesleep.examples.models import SigmoidBeliefNet
 
 BATCH = 16
@@ -440,7 +441,7 @@ def measure(name: str, runners: list[Runner], batches: list[Any], rounds: int, s
 
 # -- the profile -----------------------------------------------------------------------------
 def _nodes(fn: Any) -> int:
-    module = getattr(fn, "_orig_mod", fn)
+    module = getattr(fn, "module", fn)  # a CompiledGraph: its recorded graph
     graph = getattr(module, "graph", None)
     return 0 if graph is None else sum(n.op == "call_function" for n in graph.nodes)
 
@@ -471,7 +472,7 @@ def profile_ours(runner: Runner, batches: list[Any], steps: int) -> str:
         setattr(g, attr, fn)
     fwd, upd = spent["forward"] / steps, spent["update"] / steps
     nodes = [sum(_nodes(getattr(g, a)) for g in graphs) for a in spent]
-    inductor = any(hasattr(g.forward, "_orig_mod") for g in graphs)
+    inductor = any(isinstance(g.forward, CompiledGraph) for g in graphs)
     ops = ("aten ops, fused by inductor" if inductor else
            f"aten ops, {1e6 * fwd / max(nodes[0], 1):.1f} µs per op")
     return (f"{1e3 * total:.2f} ms/step = forward+backward graph {1e3 * fwd:.2f} ms "

@@ -162,3 +162,21 @@ def test_compiled_graph_differentiates_like_the_recorded_one():
     torch.testing.assert_close(got, want)
 
 
+
+
+def test_compiled_graphs_use_inductors_cache():
+    """The graph reaches inductor with a shape environment, as from Dynamo: the same graph
+    compiled again (a new process, or here a new objective) is read from inductor's
+    cache rather than bypassing it."""
+    from torch._dynamo.utils import counters
+
+    from pyro_wakesleep.compiled.below_autograd import CompiledGraph
+
+    x = torch.tensor([0.3, -0.2, 0.8])
+    graph = record_below_autograd(lambda v: ((v * CONSTANT).sin().sum(),), x)
+    counters.clear()
+    first = CompiledGraph(graph)(x)
+    again = CompiledGraph(graph)(x)
+    assert counters["inductor"]["fxgraph_cache_bypass"] == 0
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1
+    torch.testing.assert_close(again, first)

@@ -40,10 +40,12 @@ from typing import Any
 import torch
 import torch._inductor
 from torch import Tensor, fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx._lazy_graph_module import (
     _make_graph_module,
     _use_lazy_graph_module,
 )
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_wakesleep.compiled.checks import Refused
@@ -185,6 +187,10 @@ class CompiledGraph:
             graph = copy.deepcopy(self.module.graph)
             lower_for_inductor(graph)
             lowered = fx.GraphModule(self.module, graph)
+            # fake inputs with a shape environment, as Dynamo passes them: without one,
+            # inductor bypasses its on-disk cache and compiles afresh in every process
+            fake = FakeTensorMode(shape_env=ShapeEnv())
+            inputs = [fake.from_tensor(a, static_shapes=True) for a in args]
             fn = self._compiled[key] = torch._inductor.compile(
-                lowered, list(args), options={"fallback_random": True})
+                lowered, inputs, options={"fallback_random": True})
         return fn(*args)
