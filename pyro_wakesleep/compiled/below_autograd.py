@@ -190,7 +190,7 @@ class CompiledGraph:
             # fake inputs with a shape environment, as Dynamo passes them: without one,
             # inductor bypasses its on-disk cache and compiles afresh in every process
             fake = FakeTensorMode(shape_env=ShapeEnv())
-            inputs = [fake.from_tensor(a, static_shapes=True) for a in args]
+            inputs: list[Any] = [fake.from_tensor(a, static_shapes=True) for a in args]
             fn = self._compiled[key] = torch._inductor.compile(
                 lowered, inputs, options={"fallback_random": True})
         return fn(*args)
