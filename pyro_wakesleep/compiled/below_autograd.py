@@ -38,14 +38,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch._inductor
 from torch import Tensor, fx
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx._lazy_graph_module import (
     _make_graph_module,
     _use_lazy_graph_module,
 )
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_wakesleep.compiled.checks import Refused
@@ -187,10 +184,15 @@ class CompiledGraph:
             graph = copy.deepcopy(self.module.graph)
             lower_for_inductor(graph)
             lowered = fx.GraphModule(self.module, graph)
+            # imported on first use (inductor and sympy: seconds and ~70 MB)
+            from torch import _inductor
+            from torch._subclasses.fake_tensor import FakeTensorMode
+            from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
             # fake inputs with a shape environment, as Dynamo passes them: without one,
             # inductor bypasses its on-disk cache and compiles afresh in every process
             fake = FakeTensorMode(shape_env=ShapeEnv())
             inputs: list[Any] = [fake.from_tensor(a, static_shapes=True) for a in args]
-            fn = self._compiled[key] = torch._inductor.compile(
+            fn = self._compiled[key] = _inductor.compile(
                 lowered, inputs, options={"fallback_random": True})
         return fn(*args)
