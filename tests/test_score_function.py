@@ -415,3 +415,43 @@ def test_autoguide_with_auxiliary_sites_equals_trace_elbo():
     ours = param_grads(ScoreFunctionELBO(**kw), model, guide, X)
     theirs = param_grads(Trace_ELBO(**kw), model, guide, X)
     assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("disabled_before", [False, True])
+def test_an_eager_step_runs_without_cyclic_garbage_collections(disabled_before):
+    """The eager step pauses Python's cyclic collector: a program that makes thousands
+    of objects that live through the step (as trace nodes and labels do) triggers no
+    collection while it runs, and the collector's state is restored after the step."""
+    import gc
+
+    collections = []
+    during = []
+
+    def counted(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+
+    def model():
+        before = len(collections)
+        kept = [{"i": i} for i in range(20000)]  # ~28 gen-0 thresholds of live objects
+        during.append(len(collections) - before)
+        z = pyro.sample("z", dist.Bernoulli(0.4))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.5 + 0 * len(kept)))
+
+    def guide():
+        pyro.sample("z", dist.Bernoulli(pyro.param("p", torch.tensor(0.3),
+                                                   constraint=dist.constraints.unit_interval)))
+
+    pyro.clear_param_store()
+    was = gc.isenabled()
+    gc.enable()
+    if disabled_before:
+        gc.disable()
+    gc.callbacks.append(counted)
+    try:
+        ScoreFunctionELBO().differentiable_loss(model, guide)
+        assert during and not any(during)
+        assert gc.isenabled() is not disabled_before
+    finally:
+        gc.callbacks.remove(counted)
+        (gc.enable if was else gc.disable)()
