@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pyro_wakesleep.compiled.checks import Refused
 from pyro_wakesleep.compiled.simplify import lower_for_inductor
 
-__all__ = ["CompiledGraph", "compile_graph", "record_below_autograd"]
+__all__ = ["CompiledGraph", "record_below_autograd"]
 
 _READS = frozenset({torch.ops.aten._local_scalar_dense.default})
 _FRESH_COPY = torch.ops.aten.lift_fresh_copy.default
@@ -146,11 +146,6 @@ def record_below_autograd(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor
     recorder.graph.output(tuple(recorder.arg(out) for out in outputs))
     with _use_lazy_graph_module(True):
         return _make_graph_module(recorder.root, recorder.graph)
-
-
-def compile_graph(module: fx.GraphModule) -> CompiledGraph:
-    """The recorded graph compiled with inductor (see :class:`CompiledGraph`)."""
-    return CompiledGraph(module)
 
 
 class CompiledGraph:

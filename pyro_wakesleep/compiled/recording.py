@@ -22,7 +22,7 @@ from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor, fx, nn
 
 from pyro_wakesleep import _validation
-from pyro_wakesleep.compiled.below_autograd import compile_graph, record_below_autograd
+from pyro_wakesleep.compiled.below_autograd import CompiledGraph, record_below_autograd
 from pyro_wakesleep.compiled.checks import (
     INPUT,
     SCALAR,
@@ -169,7 +169,7 @@ def record(objective: Any, model: Callable, guide: Callable, signature: ArgSigna
     module.recompile()
     fn: Callable[..., Any] = module
     if compile:
-        fn = compile_graph(module)
+        fn = CompiledGraph(module)
     return Graph(fn, names, [p.shape for p in params], state_slots, threaded, outputs, module)
 
 

@@ -35,7 +35,7 @@ import torch
 from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor
 
-from pyro_wakesleep.compiled.below_autograd import compile_graph, record_below_autograd
+from pyro_wakesleep.compiled.below_autograd import CompiledGraph, record_below_autograd
 from pyro_wakesleep.compiled.checks import Refused
 from pyro_wakesleep.compiled.optimizers import NOT_YET, Binding, bind, update_fn
 from pyro_wakesleep.compiled.options import verifies
@@ -74,7 +74,7 @@ def _compile(module: torch.fx.GraphModule, compile: bool) -> Callable[..., Any]:
     module.graph.eliminate_dead_code()  # random draws and writes in place are kept
     module.recompile()
     if compile:
-        return compile_graph(module)
+        return CompiledGraph(module)
     return module
 
 

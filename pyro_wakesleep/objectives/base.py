@@ -311,9 +311,9 @@ class Objective(ELBO):
         program cannot run vectorized (see the class docstring), with Python's cyclic
         garbage collector paused (:func:`_collector_paused`)."""
         with _collector_paused():
-            return self._run_eager_collecting(model, guide, args, kwargs, update)
+            return self._eager_step(model, guide, args, kwargs, update)
 
-    def _run_eager_collecting(
+    def _eager_step(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict, update: bool
     ) -> tuple[Tensor, Tensor]:
         if self._vectorizes is not None or not self._uses_vectorization():
