@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -152,8 +153,8 @@ class CompiledGraph:
     """A recorded graph compiled with inductor at its first call, for the layout of that
     call's tensors (shape, stride, dtype, device, ``requires_grad``) and grad mode, and
     again for another layout (up to :attr:`MAX_LAYOUTS`; past that, the graph module
-    itself runs, op by op). Random numbers come from torch's generator
-    (``fallback_random``), as in the eager step.
+    itself runs, op by op, with one :class:`RuntimeWarning`). Random numbers come from
+    torch's generator (``fallback_random``), as in the eager step.
 
     The graph goes to inductor directly (:func:`torch._inductor.compile`), not through
     :func:`torch.compile`: a recorded graph is already one flat graph of aten operations,
@@ -168,6 +169,7 @@ class CompiledGraph:
     def __init__(self, module: fx.GraphModule) -> None:
         self.module = module
         self._compiled: dict[tuple, Callable[..., Any]] = {}
+        self._warned = False
 
     def __call__(self, *args: Tensor) -> Any:
         key = (torch.is_grad_enabled(), *((a.shape, a.stride(), a.dtype, a.device,
@@ -175,6 +177,14 @@ class CompiledGraph:
         fn = self._compiled.get(key)
         if fn is None:
             if len(self._compiled) >= self.MAX_LAYOUTS:
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"jit_options compile: a recorded graph was called with more than "
+                        f"{self.MAX_LAYOUTS} layouts of its tensors (shape, stride, dtype, "
+                        "device, requires_grad, grad mode); further layouts replay the "
+                        "graph op by op, uncompiled (exact, slower)", RuntimeWarning,
+                        stacklevel=2)
                 return self.module(*args)
             graph = copy.deepcopy(self.module.graph)
             lower_for_inductor(graph)
